@@ -1,0 +1,94 @@
+"""SoFlow's two losses, eager (SOFLOW.md sections 4 and 5), written on the network OUTPUTS.
+
+The losses take F (the raw network output) rather than the network itself, so the training step decides how many
+network calls to make (three batched ones, or the reference's six) while the math lives here once. This module is
+the reference the fused Triton loss is checked against. Everything is computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .flow import Flow, bcast, cfg_decay
+
+
+class LossTerms(NamedTuple):
+    loss: Tensor    # scalar with gradient to the network output
+    mse: Tensor     # reported mean squared error (detached scalar)
+    weight: Tensor  # reported mean adaptive weight (detached scalar)
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def guided_velocity(v_t: Tensor, v_unc: Tensor, t: Tensor, cfg_scale: float, cfg_decay_time: float) -> Tensor:
+    """g = v_t + k(t) (w - 1) (v_t - v_unc)."""
+    k = bcast(cfg_decay(t, cfg_decay_time), v_t)
+    return v_t + k * (cfg_scale - 1) * (v_t - v_unc)
+
+
+def fm_loss(flow: Flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, p: float, eps: float,
+            F_unc: Optional[Tensor] = None, mask: Optional[Tensor] = None, cfg_scale: float = 1.0,
+            mix_ratio: float = 1.0, cfg_decay_time: float = 1.0) -> LossTerms:
+    """Flow-matching loss. F_pred = F(x_t, t, t, y_masked) with gradient; F_unc = F(x_t, t, t, null) enables guidance.
+
+    mask: bool [B], True = this row trains the unconditional model (its target stays v_t).
+    """
+    x_t, v_t = x_t.float(), v_t.float()
+    v_pred = flow.velocity_from_output(F_pred.float(), x_t, t)
+    target = v_t
+    if F_unc is not None:
+        with torch.no_grad():
+            v_unc = flow.velocity_from_output(F_unc.float(), x_t, t)
+            g = guided_velocity(v_t, v_unc, t, cfg_scale, cfg_decay_time)
+            g = mix_ratio * g + (1 - mix_ratio) * v_pred.detach()
+            target = torch.where(bcast(mask, v_t), v_t, g) if mask is not None else g
+    mse_i = _rows(v_pred - target).pow(2).mean(dim=1)
+    weight_i = 1.0 / (flow.db_ds_diag(t).abs() * (mse_i.detach() + eps).pow(p))
+    return LossTerms((weight_i * mse_i).mean(), mse_i.detach().mean(), weight_i.mean())
+
+
+def consistency_velocity(flow: Flow, x_t: Tensor, v_t: Tensor, t: Tensor, *, F_unc: Optional[Tensor] = None,
+                         F_cond: Optional[Tensor] = None, mask: Optional[Tensor] = None, cfg_scale: float = 1.0,
+                         mix_ratio: float = 1.0, cfg_decay_time: float = 1.0) -> Tensor:
+    """The consistency loss's target velocity u (no gradient).
+
+    F_unc = F(x_t, t, t, null) enables guidance; F_cond = F(x_t, t, t, y) with the UNMASKED labels is required
+    when mix_ratio != 1.
+    """
+    with torch.no_grad():
+        v_t = v_t.float()
+        if F_unc is None:
+            return v_t
+        x_t = x_t.float()
+        g = guided_velocity(v_t, flow.velocity_from_output(F_unc.float(), x_t, t), t, cfg_scale, cfg_decay_time)
+        if mix_ratio != 1.0:
+            if F_cond is None:
+                raise ValueError("consistency_velocity: F_cond is required when mix_ratio != 1")
+            g = mix_ratio * g + (1 - mix_ratio) * flow.velocity_from_output(F_cond.float(), x_t, t)
+        return torch.where(bcast(mask, v_t), v_t, g) if mask is not None else g
+
+
+def consistency_point(x_t: Tensor, u: Tensor, t: Tensor, l: Tensor) -> Tensor:
+    """x_l = x_t + u (l - t): one Euler step of the target velocity from t to l."""
+    return x_t.float() + u * bcast(l - t, u)
+
+
+def consistency_loss(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
+                     F_l: Tensor, *, p: float, eps: float) -> LossTerms:
+    """Solution-consistency loss without JVP. F_t = F(x_t, t, s, y_masked) with gradient, F_l = F(x_l, l, s, y_masked)."""
+    x_t = x_t.float()
+    F_t = F_t.float()
+    with torch.no_grad():
+        x_l = consistency_point(x_t, u, t, l)
+        f_t = flow.solution_from_output(F_t.detach(), x_t, t, s)
+        f_l = flow.solution_from_output(F_l.float(), x_l, l, s)
+        q = (f_t - f_l) / bcast(t - l, f_t)
+        q2_i = _rows(q).pow(2).mean(dim=1)
+        weight_i = 1.0 / (q2_i + eps).pow(p)
+    sign = torch.sign(flow.b(t, s))
+    loss = (sign * _rows(F_t * q).mean(dim=1) * weight_i).mean()
+    return LossTerms(loss, q2_i.mean(), weight_i.mean())

@@ -1,0 +1,107 @@
+"""The op layer the model and the step call: eager references beside a switch to the fused Triton kernels.
+
+Each op has one signature for all implementations. The eager functions are the documentation of the math; the
+Triton versions (soflow_fast.kernels) must match them, which tests/test_kernels.py checks.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+KERNEL_MODES = ("auto", "triton", "eager")
+LN_EPS = 1e-6
+
+
+def resolve_kernels(mode: str, device: torch.device | str) -> str:
+    """'auto' -> 'triton' on CUDA, 'eager' elsewhere; 'triton' and 'eager' are taken as asked."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels: unknown value {mode!r}; expected one of {list(KERNEL_MODES)}")
+    if mode == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "eager"
+    return mode
+
+
+# -- adaLN pieces ---------------------------------------------------------------------------------
+def layernorm_modulate_eager(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """LN(x) (no affine, eps 1e-6, statistics in fp32) * (1 + scale[b]) + shift[b]; x [B, T, D], shift/scale [B, D]."""
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS)
+    return (h * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(x.dtype)
+
+
+def gated_residual_eager(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """x + gate[b] * y; x, y [B, T, D], gate [B, D]."""
+    return x + gate.unsqueeze(1) * y
+
+
+def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, impl: str = "eager") -> Tensor:
+    if impl == "triton":
+        from soflow_fast.kernels import adaln
+        return adaln.layernorm_modulate(x, shift, scale)
+    return layernorm_modulate_eager(x, shift, scale)
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, impl: str = "eager") -> Tensor:
+    if impl == "triton":
+        from soflow_fast.kernels import adaln
+        return adaln.gated_residual(x, gate, y)
+    return gated_residual_eager(x, gate, y)
+
+
+# -- attention ------------------------------------------------------------------------------------
+def attention_eager(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out; q, k, v [B, H, T, Dh]. The reference for the parity test."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+@functools.cache
+def _flash_attn_func():
+    """flash-attn's function (FA3 interface first, then FA2), or None when the package is not installed."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return __import__(module, fromlist=["flash_attn_func"]).flash_attn_func
+        except ImportError:
+            continue
+    return None
+
+
+def attention_backend(q: Tensor) -> str:
+    """Which implementation `attention` uses for tensors like q: 'flash-attn' or 'sdpa'."""
+    usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    return "flash-attn" if usable and _flash_attn_func() is not None else "sdpa"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Multi-head self-attention, q, k, v [B, H, T, Dh] -> [B, H, T, Dh]."""
+    if attention_backend(q) == "flash-attn":
+        # flash-attn takes [B, T, H, Dh]; FA3 returns (out, lse) in some versions.
+        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# -- the SoFlow loss ------------------------------------------------------------------------------
+def fm_loss(flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, impl: str = "eager", **kw):
+    """soflow_fast.loss.fm_loss, or its fused Triton twin."""
+    if impl == "triton":
+        from soflow_fast.kernels import soflow_loss
+        return soflow_loss.fm_loss(flow, F_pred, x_t, v_t, t, **kw)
+    from .loss import fm_loss as eager
+    return eager(flow, F_pred, x_t, v_t, t, **kw)
+
+
+def consistency_loss(flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor, F_l: Tensor, *,
+                     impl: str = "eager", **kw):
+    """soflow_fast.loss.consistency_loss, or its fused Triton twin."""
+    if impl == "triton":
+        from soflow_fast.kernels import soflow_loss
+        return soflow_loss.consistency_loss(flow, F_t, x_t, u, t, s, l, F_l, **kw)
+    from .loss import consistency_loss as eager
+    return eager(flow, F_t, x_t, u, t, s, l, F_l, **kw)

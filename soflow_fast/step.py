@@ -1,0 +1,162 @@
+"""One SoFlow training step's loss in three network calls (SOFLOW.md sections 6 and 8).
+
+1. one batched no-gradient teacher call at x_t: FM unconditional, consistency unconditional and (mix != 1)
+   consistency conditional;
+2. the no-gradient call at x_l, which needs the teacher's target velocity u;
+3. the gradient call on all rows (FM at (t, t), consistency at (t, s)).
+The math is identical to the reference's six calls (tests/test_step.py checks loss terms, statistics and every
+parameter gradient against a transcription of them). All randomness comes in through `StepNoise`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .flow import Flow, consistency_times, l_ratio, logit_normal
+from .loss import consistency_point, consistency_velocity
+
+
+@dataclass(frozen=True)
+class SoFlowHParams:
+    """The loss hyper-parameters, with the reference configs' names (SOFLOW.md section 6)."""
+
+    velocity_loss_ratio: float = 0.75
+    p: float = 1.0
+    eps: float = 0.01
+    time_mean: tuple[float, float, float] = (-0.2, -1.0, 0.2)
+    time_std: tuple[float, float, float] = (1.0, 0.8, 0.8)
+    cfg_scale: float = 1.0
+    mix_ratio: float = 1.0
+    cfg_drop_rate: float = 0.0
+    cfg_decay_time: float = 1.0
+    l_schedule: str = "exponent"
+    l_init_ratio: float = 0.1
+    l_end_ratio: float = 0.002
+    total_steps: int = 400000
+
+    def split(self, batch: int) -> tuple[int, int]:
+        n_fm = int(math.floor(self.velocity_loss_ratio * batch))
+        return n_fm, batch - n_fm
+
+
+@dataclass
+class StepNoise:
+    """Every random draw of one step. x1 [B, ...]; t_fm [n_fm]; s_draw, t_draw [n_c] (before the clamps);
+    cfg_mask [B] bool (first n_fm rows FM); dropout_seed seeds the shared stream of the F_t and F_l calls."""
+
+    x1: Tensor
+    t_fm: Tensor
+    s_draw: Tensor
+    t_draw: Tensor
+    cfg_mask: Tensor
+    dropout_seed: int = 0
+
+
+def draw_noise(hp: SoFlowHParams, x0: Tensor, guided: bool, generator: Optional[torch.Generator] = None) -> StepNoise:
+    """Draw one step's randomness from `generator` (on x0's device)."""
+    B, dev = x0.shape[0], x0.device
+    n_fm, n_c = hp.split(B)
+    x1 = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32)
+    t_fm = logit_normal(n_fm, hp.time_mean[0], hp.time_std[0], generator=generator, device=dev)
+    s_draw = logit_normal(n_c, hp.time_mean[1], hp.time_std[1], generator=generator, device=dev)
+    t_draw = logit_normal(n_c, hp.time_mean[2], hp.time_std[2], generator=generator, device=dev)
+    u = torch.rand(B, generator=generator, device=dev)
+    mask = (u < hp.cfg_drop_rate) if guided else torch.zeros(B, dtype=torch.bool, device=dev)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
+    return StepNoise(x1, t_fm, s_draw, t_draw, mask, seed)
+
+
+def is_stochastic(net: nn.Module) -> bool:
+    """True when the network draws random numbers in its forward (dropout in train mode)."""
+    return net.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules())
+
+
+@contextlib.contextmanager
+def _rng_stream(seed: int, device: torch.device, enabled: bool):
+    """Run a call on a stream seeded with `seed` (CPU and the CUDA device alike), restoring the global state after."""
+    if not enabled:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor          # the total loss to backpropagate
+    stats: dict[str, Tensor]  # detached scalars: loss_fm, loss_c, mse_fm, weight_fm, mse_c, weight_c
+
+
+def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
+                step: int, null_label: Optional[int], loss_impl: str = "eager") -> StepOutput:
+    """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step)."""
+    B = x0.shape[0]
+    n_fm, n_c = hp.split(B)
+    guided = y is not None and hp.cfg_scale > 1.0
+    if guided and null_label is None:
+        raise ValueError("cfg_scale > 1 needs a model with a null label (cfg_drop_rate > 0)")
+    x0 = x0.float()
+    dev = x0.device
+    stochastic = isinstance(net, nn.Module) and is_stochastic(net)
+
+    xt_fm, vt_fm = flow.interpolate(x0[:n_fm], noise.x1[:n_fm], noise.t_fm)
+    t_c, s_c, l_c = consistency_times(noise.s_draw, noise.t_draw,
+                                      l_ratio(hp.l_schedule, step, hp.total_steps, hp.l_init_ratio, hp.l_end_ratio))
+    xt_c, vt_c = flow.interpolate(x0[n_fm:], noise.x1[n_fm:], t_c)
+    y_m = torch.where(noise.cfg_mask, null_label, y) if guided else y
+
+    def labels(rows: slice, which: Optional[Tensor]) -> Optional[Tensor]:
+        return None if which is None else which[rows]
+
+    # Call 1: the batched teacher (no gradient).
+    F_unc_fm = F_unc_c = F_cond_c = None
+    if guided:
+        parts = [(xt_fm, noise.t_fm, torch.full((n_fm,), null_label, device=dev)),
+                 (xt_c, t_c, torch.full((n_c,), null_label, device=dev))]
+        if hp.mix_ratio != 1.0:
+            parts.append((xt_c, t_c, y[n_fm:]))
+        with torch.no_grad():
+            tt = torch.cat([p[1] for p in parts])
+            F_teach = net(torch.cat([p[0] for p in parts]), tt, tt, torch.cat([p[2] for p in parts]))
+        F_unc_fm, F_unc_c = F_teach[:n_fm], F_teach[n_fm:n_fm + n_c]
+        F_cond_c = F_teach[n_fm + n_c:] if hp.mix_ratio != 1.0 else None
+
+    # Call 2: the consistency point x_l (no gradient).
+    mask_c = noise.cfg_mask[n_fm:]
+    u = consistency_velocity(flow, xt_c, vt_c, t_c, F_unc=F_unc_c, F_cond=F_cond_c, mask=mask_c,
+                             cfg_scale=hp.cfg_scale, mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time)
+    x_l = consistency_point(xt_c, u, t_c, l_c)
+    with torch.no_grad(), _rng_stream(noise.dropout_seed, dev, stochastic):
+        F_l = net(x_l, l_c, s_c, labels(slice(n_fm, B), y_m)) if n_c else None
+
+    # Call 3: the gradient call. A stochastic network gets its consistency rows in a call of their own, so that F_t
+    # sees exactly the random stream F_l saw.
+    if stochastic:
+        F_fm = net(xt_fm, noise.t_fm, noise.t_fm, labels(slice(0, n_fm), y_m)) if n_fm else xt_fm[:0]
+        with _rng_stream(noise.dropout_seed, dev, True):
+            F_c = net(xt_c, t_c, s_c, labels(slice(n_fm, B), y_m)) if n_c else xt_c[:0]
+    else:
+        F_all = net(torch.cat([xt_fm, xt_c]), torch.cat([noise.t_fm, t_c]), torch.cat([noise.t_fm, s_c]), y_m)
+        F_fm, F_c = F_all[:n_fm], F_all[n_fm:]
+
+    zero = x0.new_zeros(())
+    loss_fm = mse_fm = w_fm = loss_c = mse_c = w_c = zero
+    if n_fm:
+        loss_fm, mse_fm, w_fm = ops.fm_loss(flow, F_fm, xt_fm, vt_fm, noise.t_fm, p=hp.p, eps=hp.eps, F_unc=F_unc_fm,
+                                            mask=noise.cfg_mask[:n_fm] if guided else None, cfg_scale=hp.cfg_scale,
+                                            mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time, impl=loss_impl)
+    if n_c:
+        loss_c, mse_c, w_c = ops.consistency_loss(flow, F_c, xt_c, u, t_c, s_c, l_c, F_l, p=hp.p, eps=hp.eps,
+                                                  impl=loss_impl)
+    total = loss_fm * (n_fm / B) + loss_c * (n_c / B)
+    stats = dict(loss_fm=loss_fm.detach(), loss_c=loss_c.detach(), mse_fm=mse_fm, weight_fm=w_fm, mse_c=mse_c,
+                 weight_c=w_c)
+    return StepOutput(total, stats)
