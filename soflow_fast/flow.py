@@ -106,7 +106,7 @@ def cfg_decay(t: Tensor, tau: float, k: float = 0.025) -> Tensor:
 def logit_normal(n: int, mean: float, std: float, *, generator: Optional[torch.Generator] = None,
                  device: torch.device | str = "cpu") -> Tensor:
     """sigmoid(N(mean, std)) of shape [n], fp32."""
-    return torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float32) * std + mean)
 
 
 def l_ratio(schedule: str, step: int, total_steps: int, r_init: float, r_end: float) -> float:
@@ -149,12 +149,13 @@ def sample(net: Callable, flow: Flow, x1: Tensor, nfe: int = 1, y: Optional[Tens
     times = sampling_times(nfe)
     if renoise is not None and len(renoise) != nfe - 1:
         raise ValueError(f"renoise: expected {nfe - 1} noise tensors for nfe={nfe}, got {len(renoise)}")
-    ones = torch.ones(x1.shape[0], device=x1.device, dtype=torch.float32)
+    ones = torch.ones(x1.shape[0], device=x1.device, dtype=torch.promote_types(x1.dtype, torch.float32))
     zeros = torch.zeros_like(ones)
     x = x1
     for i in range(nfe - 1):
         x0_hat = flow.solution(net, x, times[i] * ones, zeros, y)
-        eps = renoise[i] if renoise is not None else torch.randn(x.shape, generator=generator, device=x.device)
+        eps = renoise[i] if renoise is not None else torch.randn(x.shape, generator=generator, device=x.device,
+                                                                 dtype=x.dtype)
         tn = torch.tensor(times[i + 1])
         x = flow.alpha(tn) * x0_hat + flow.beta(tn) * eps
     return flow.solution(net, x, times[nfe - 1] * ones, zeros, y)

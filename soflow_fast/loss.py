@@ -2,7 +2,7 @@
 
 The losses take F (the raw network output) rather than the network itself, so the training step decides how many
 network calls to make (three batched ones, or the reference's six) while the math lives here once. This module is
-the reference the fused Triton loss is checked against. Everything is computed in fp32.
+the reference the fused Triton loss is checked against. Everything is computed in at least fp32.
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 stay (fp64 lets tests check the math tightly)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def guided_velocity(v_t: Tensor, v_unc: Tensor, t: Tensor, cfg_scale: float, cfg_decay_time: float) -> Tensor:
     """g = v_t + k(t) (w - 1) (v_t - v_unc)."""
     k = bcast(cfg_decay(t, cfg_decay_time), v_t)
@@ -37,12 +42,12 @@ def fm_loss(flow: Flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, 
 
     mask: bool [B], True = this row trains the unconditional model (its target stays v_t).
     """
-    x_t, v_t = x_t.float(), v_t.float()
-    v_pred = flow.velocity_from_output(F_pred.float(), x_t, t)
+    x_t, v_t = at_least_fp32(x_t), at_least_fp32(v_t)
+    v_pred = flow.velocity_from_output(at_least_fp32(F_pred), x_t, t)
     target = v_t
     if F_unc is not None:
         with torch.no_grad():
-            v_unc = flow.velocity_from_output(F_unc.float(), x_t, t)
+            v_unc = flow.velocity_from_output(at_least_fp32(F_unc), x_t, t)
             g = guided_velocity(v_t, v_unc, t, cfg_scale, cfg_decay_time)
             g = mix_ratio * g + (1 - mix_ratio) * v_pred.detach()
             target = torch.where(bcast(mask, v_t), v_t, g) if mask is not None else g
@@ -60,32 +65,32 @@ def consistency_velocity(flow: Flow, x_t: Tensor, v_t: Tensor, t: Tensor, *, F_u
     when mix_ratio != 1.
     """
     with torch.no_grad():
-        v_t = v_t.float()
+        v_t = at_least_fp32(v_t)
         if F_unc is None:
             return v_t
-        x_t = x_t.float()
-        g = guided_velocity(v_t, flow.velocity_from_output(F_unc.float(), x_t, t), t, cfg_scale, cfg_decay_time)
+        x_t = at_least_fp32(x_t)
+        g = guided_velocity(v_t, flow.velocity_from_output(at_least_fp32(F_unc), x_t, t), t, cfg_scale, cfg_decay_time)
         if mix_ratio != 1.0:
             if F_cond is None:
                 raise ValueError("consistency_velocity: F_cond is required when mix_ratio != 1")
-            g = mix_ratio * g + (1 - mix_ratio) * flow.velocity_from_output(F_cond.float(), x_t, t)
+            g = mix_ratio * g + (1 - mix_ratio) * flow.velocity_from_output(at_least_fp32(F_cond), x_t, t)
         return torch.where(bcast(mask, v_t), v_t, g) if mask is not None else g
 
 
 def consistency_point(x_t: Tensor, u: Tensor, t: Tensor, l: Tensor) -> Tensor:
     """x_l = x_t + u (l - t): one Euler step of the target velocity from t to l."""
-    return x_t.float() + u * bcast(l - t, u)
+    return at_least_fp32(x_t) + u * bcast(l - t, u)
 
 
 def consistency_loss(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
                      F_l: Tensor, *, p: float, eps: float) -> LossTerms:
     """Solution-consistency loss without JVP. F_t = F(x_t, t, s, y_masked) with gradient, F_l = F(x_l, l, s, y_masked)."""
-    x_t = x_t.float()
-    F_t = F_t.float()
+    x_t = at_least_fp32(x_t)
+    F_t = at_least_fp32(F_t)
     with torch.no_grad():
         x_l = consistency_point(x_t, u, t, l)
         f_t = flow.solution_from_output(F_t.detach(), x_t, t, s)
-        f_l = flow.solution_from_output(F_l.float(), x_l, l, s)
+        f_l = flow.solution_from_output(at_least_fp32(F_l), x_l, l, s)
         q = (f_t - f_l) / bcast(t - l, f_t)
         q2_i = _rows(q).pow(2).mean(dim=1)
         weight_i = 1.0 / (q2_i + eps).pow(p)

@@ -30,13 +30,21 @@ def resolve_kernels(mode: str, device: torch.device | str) -> str:
 # -- adaLN pieces ---------------------------------------------------------------------------------
 def layernorm_modulate_eager(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """LN(x) (no affine, eps 1e-6, statistics in fp32) * (1 + scale[b]) + shift[b]; x [B, T, D], shift/scale [B, D]."""
-    h = F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS)
-    return (h * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(x.dtype)
+    f = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics; fp64 stays fp64 (gradcheck)
+    h = F.layer_norm(x.to(f), x.shape[-1:], eps=LN_EPS)
+    return (h * (1 + scale.to(f).unsqueeze(1)) + shift.to(f).unsqueeze(1)).to(x.dtype)
 
 
 def gated_residual_eager(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x + gate[b] * y; x, y [B, T, D], gate [B, D]."""
     return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_layernorm_modulate_eager(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor,
+                                            scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(res, h): res = x + gate[b] * y, h = layernorm_modulate(res, shift, scale). The DiT block's middle."""
+    res = gated_residual_eager(x, gate, y)
+    return res, layernorm_modulate_eager(res, shift, scale)
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, impl: str = "eager") -> Tensor:
@@ -51,6 +59,14 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, impl: str = "eager") -> T
         from soflow_fast.kernels import adaln
         return adaln.gated_residual(x, gate, y)
     return gated_residual_eager(x, gate, y)
+
+
+def gated_residual_layernorm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
+                                      impl: str = "eager") -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        from soflow_fast.kernels import adaln
+        return adaln.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+    return gated_residual_layernorm_modulate_eager(x, gate, y, shift, scale)
 
 
 # -- attention ------------------------------------------------------------------------------------

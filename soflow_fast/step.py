@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .flow import Flow, consistency_times, l_ratio, logit_normal
-from .loss import consistency_point, consistency_velocity
+from .loss import at_least_fp32, consistency_point, consistency_velocity
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     guided = y is not None and hp.cfg_scale > 1.0
     if guided and null_label is None:
         raise ValueError("cfg_scale > 1 needs a model with a null label (cfg_drop_rate > 0)")
-    x0 = x0.float()
+    x0 = at_least_fp32(x0)
     dev = x0.device
     stochastic = isinstance(net, nn.Module) and is_stochastic(net)
 

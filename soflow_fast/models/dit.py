@@ -151,8 +151,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = ops.gated_residual(x, gate1, self.attn(ops.layernorm_modulate(x, shift1, scale1, self.impl)), self.impl)
-        return ops.gated_residual(x, gate2, self.mlp(ops.layernorm_modulate(x, shift2, scale2, self.impl)), self.impl)
+        h = self.attn(ops.layernorm_modulate(x, shift1, scale1, self.impl))
+        # The attention branch's residual add and the MLP branch's LN + modulate in one pass over the stream.
+        x, h = ops.gated_residual_layernorm_modulate(x, gate1, h, shift2, scale2, self.impl)
+        return ops.gated_residual(x, gate2, self.mlp(h), self.impl)
 
 
 class FinalLayer(nn.Module):

@@ -1,0 +1,212 @@
+"""Training configuration: YAML (safe_load) validated once into a typed TrainConfig.
+
+Keys carry the reference implementation's names and meanings (imagenet.yaml / cifar.yaml), so a reference config
+runs unchanged where this trainer supports its dataset; the keys below the reference block are ours. Unknown keys,
+wrong types and impossible values are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from .flow import L_SCHEDULES, Flow
+from .models.dit import canonical_size
+from .ops import KERNEL_MODES
+from .step import SoFlowHParams
+
+DATASETS = ("digits", "Imagenet", "CIFAR10")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # --- the reference implementation's keys -----------------------------------------------------
+    working_dir: str = "./runs/soflow"
+    noising_type: str = "Linear"            # Linear | Trig (alias Triangular)
+    coefficient_type: str = "Euler"         # Euler | Trig (alias Triangular)
+    model_type: str = "DiT-B-4"             # a DiT size name: DiT-XL/2 or DiT-XL-2, ...
+    dataset_type: str = "digits"            # digits (embedded) | Imagenet | CIFAR10
+    data_size: int = 8                      # image / latent side length
+    dataset_path: str = ""
+    velocity_loss_ratio: float = 0.75       # fraction of each batch given to the FM loss
+    p: float = 1.0                          # adaptive-weight power
+    eps: float = 0.01                       # adaptive-weight epsilon
+    time_mean: list = field(default_factory=lambda: [-0.2, -1.0, 0.2])  # logit-normal [FM t, cons. s, cons. t]
+    time_std: list = field(default_factory=lambda: [1.0, 0.8, 0.8])
+    cfg_scale: float = 1.0                  # training guidance scale w (> 1 enables guided targets)
+    mix_ratio: float = 1.0                  # m: guided target mixed with the model's own prediction
+    cfg_drop_rate: float = 0.0              # fraction of rows training the unconditional model
+    cfg_decay_time: float = 1.0             # tau: guidance decays for t > tau
+    l_schedule: str = "Exponent"            # Const | Linear | Cosine | Exponent
+    l_init_ratio: float = 0.1
+    l_end_ratio: float = 0.002
+    total_steps: int = 400000
+    ema_decay_rate: float = 0.9999
+    learning_rate: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    batch_size: int = 256                   # global batch
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    eval_steps: int = 0                     # periodic evaluation (0 = off)
+    eval_batch_size: int = 125
+    eval_NFE: int = 1
+    eval_demo_steps: int = 1000             # sample grid PNG every N steps (0 = off)
+    eval_demo_shape: list = field(default_factory=lambda: [4, 8])
+    logging_steps: int = 100
+    ckpt_saving_steps: int = 25000
+    seed: int = 42
+    # --- ours ------------------------------------------------------------------------------------
+    num_classes: Optional[int] = None       # default: from the dataset (digits 10, Imagenet 1000, CIFAR10 0)
+    hidden_size: Optional[int] = None       # overrides of the size table (small custom models)
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    kernels: str = "auto"                   # auto | triton | eager (auto = Triton on CUDA)
+    precision: str = "auto"                 # auto (bf16 autocast where supported, else fp32) | bf16 | fp32
+    optimizer: str = "adamw"                # adamw (torch) | fused_adamw_ema (csrc extension) | apex
+    grad_clip: float = 0.0                  # max grad norm (0 = no clipping; the norm is logged either way)
+    ema_warmup: bool = False                # decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs
+    on_nonfinite: str = "stop"              # stop | skip: what a non-finite loss or gradient does
+    keep_checkpoints: int = 3               # most recent checkpoints kept (0 = all)
+    quality_report: bool = True             # digits: the classifier-based report at the end
+    device: str = "auto"                    # auto | cpu | cuda
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def flow(self) -> Flow:
+        return Flow(self.noising_type, self.coefficient_type)
+
+    @property
+    def hparams(self) -> SoFlowHParams:
+        return SoFlowHParams(
+            velocity_loss_ratio=self.velocity_loss_ratio, p=self.p, eps=self.eps,
+            time_mean=tuple(self.time_mean), time_std=tuple(self.time_std), cfg_scale=self.cfg_scale,
+            mix_ratio=self.mix_ratio, cfg_drop_rate=self.cfg_drop_rate, cfg_decay_time=self.cfg_decay_time,
+            l_schedule=self.l_schedule.lower(), l_init_ratio=self.l_init_ratio, l_end_ratio=self.l_end_ratio,
+            total_steps=self.total_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+        values = {k: _coerce(k, v, known[k], source) for k, v in raw.items()}
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: {key} = {getattr(self, key)!r}: {why}")
+
+        for key in ("noising_type", "coefficient_type"):
+            try:
+                Flow(**{key.split("_")[0]: getattr(self, key)})
+            except ValueError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        try:
+            canonical_size(self.model_type)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        if self.dataset_type not in DATASETS:
+            raise bad("dataset_type", f"expected one of {list(DATASETS)}")
+        if self.l_schedule.lower() not in L_SCHEDULES:
+            raise bad("l_schedule", "expected Const, Linear, Cosine or Exponent")
+        if not 0.0 <= self.velocity_loss_ratio <= 1.0:
+            raise bad("velocity_loss_ratio", "must lie in [0, 1]")
+        for key in ("time_mean", "time_std"):
+            if len(getattr(self, key)) != 3:
+                raise bad(key, "expected three numbers [FM t, consistency s, consistency t]")
+        if any(v <= 0 for v in self.time_std):
+            raise bad("time_std", "standard deviations must be > 0")
+        if self.cfg_scale < 1.0:
+            raise bad("cfg_scale", "must be >= 1")
+        if self.cfg_scale > 1.0 and self.cfg_drop_rate <= 0.0:
+            raise bad("cfg_drop_rate", "cfg_scale > 1 needs cfg_drop_rate > 0 (the unconditional model is its teacher)")
+        if not 0.0 <= self.cfg_drop_rate < 1.0:
+            raise bad("cfg_drop_rate", "must lie in [0, 1)")
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise bad("mix_ratio", "must lie in [0, 1]")
+        if not 0.0 < self.cfg_decay_time:
+            raise bad("cfg_decay_time", "must be > 0 (>= 1 disables the decay)")
+        if self.l_schedule.lower() == "exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
+            raise bad("l_end_ratio" if self.l_end_ratio <= 0 else "l_init_ratio", "Exponent needs ratios > 0")
+        for key in ("l_init_ratio", "l_end_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, "must lie in [0, 1]")
+        for key in ("total_steps", "batch_size", "logging_steps", "ckpt_saving_steps", "data_size", "eval_NFE"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("eps", "learning_rate"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "must be > 0")
+        if self.p < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise bad("p" if self.p < 0 else "weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
+        if not 0.0 <= self.ema_decay_rate < 1.0:
+            raise bad("ema_decay_rate", "must lie in [0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise bad("betas", "expected two numbers in [0, 1)")
+        if len(self.eval_demo_shape) != 2 or min(self.eval_demo_shape) < 1:
+            raise bad("eval_demo_shape", "expected [rows, columns], both >= 1")
+        for key, allowed in (("kernels", KERNEL_MODES), ("precision", ("auto", "bf16", "fp32")),
+                             ("optimizer", ("adamw", "fused_adamw_ema", "apex")),
+                             ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"expected one of {list(allowed)}")
+        if self.num_classes is not None and self.num_classes < 0:
+            raise bad("num_classes", "must be >= 0")
+        if self.cfg_scale > 1.0 and self.num_classes == 0:
+            raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Check a YAML value against the field's type; ints are accepted for floats."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind = {"Optional[int]": int}.get(str(f.type), type(default))
+    if value is None and str(f.type).startswith("Optional"):
+        return None
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          if kind is list else isinstance(value, kind))
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {kind.__name__}")
+    return float(value) if kind is float else list(value) if kind is list else value
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """Read a YAML config with yaml.safe_load; `overrides` (already parsed values) replace its keys."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({e})") from None
+    raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
+    if isinstance(raw, dict) and overrides:
+        raw.update(overrides)
+    return TrainConfig.from_dict(raw, source=f"config {path}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' with the value read as YAML (so numbers, lists and booleans work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

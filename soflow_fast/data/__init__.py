@@ -1,0 +1,1 @@
+"""Datasets the trainer reads."""
