@@ -159,3 +159,14 @@ def sample(net: Callable, flow: Flow, x1: Tensor, nfe: int = 1, y: Optional[Tens
         tn = torch.tensor(times[i + 1])
         x = flow.alpha(tn) * x0_hat + flow.beta(tn) * eps
     return flow.solution(net, x, times[nfe - 1] * ones, zeros, y)
+
+
+@torch.no_grad()
+def euler_sample(net: Callable, flow: Flow, x1: Tensor, steps: int, y: Optional[Tensor] = None) -> Tensor:
+    """A multi-step Euler solve of the model's own velocity ODE dx/dt = v(x, t, y) from t = 1 to 0 (for scale)."""
+    x = x1
+    ones = torch.ones(x1.shape[0], device=x1.device, dtype=torch.promote_types(x1.dtype, torch.float32))
+    for i in range(steps):
+        t = 1.0 - i / steps
+        x = x - flow.velocity(net, x, t * ones, y) / steps
+    return x

@@ -112,25 +112,27 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             buckets: dict[tuple, tuple[list, ...]] = {}
             no_grad_p, no_grad_e = [], []
             for p in group["params"]:
-                state = self.state[p]
-                if p.grad is None:  # AdamW leaves p alone; the EMA still moves towards it
+                state, grad = self.state[p], p.grad
+                if grad is None:  # AdamW leaves p alone; the EMA still moves towards it
                     no_grad_p.append(p)
                     no_grad_e.append(state["ema"])
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdamWEMA does not support sparse gradients")
                 if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                if not p.is_contiguous():
-                    raise RuntimeError("FusedAdamWEMA needs contiguous params")
-                key = (p.device, p.grad.dtype, int(state["step"].item()))
-                lists = buckets.setdefault(key, ([], [], [], [], []))
-                for lst, t in zip(lists, (p, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
-                                          state["ema"])):
-                    lst.append(t)
+                # A plain int (torch.optim.AdamW's tensor step, from a converted checkpoint, reads too):
+                # a CPU tensor op per parameter would cost more host time than the kernel on a GPU.
+                k = state["step"] = int(state["step"]) + 1
+                key = (p.device, grad.dtype, k)
+                lists = buckets.get(key)
+                if lists is None:
+                    lists = buckets[key] = ([], [], [], [], [])
+                lists[0].append(p)
+                lists[1].append(grad)
+                lists[2].append(state["exp_avg"])
+                lists[3].append(state["exp_avg_sq"])
+                lists[4].append(state["ema"])
             for (_, _, k), lists in buckets.items():
                 _fused_optim.fused_adamw_ema_(*lists, k, group["lr"], beta1, beta2, group["eps"],
                                               group["weight_decay"], decay)

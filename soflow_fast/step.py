@@ -44,6 +44,12 @@ class SoFlowHParams:
         n_fm = int(math.floor(self.velocity_loss_ratio * batch))
         return n_fm, batch - n_fm
 
+    def forward_equivalents(self, batch: int, guided: bool) -> float:
+        """Network forward costs of one step per SOFLOW.md section 8: backward counts as two forwards."""
+        n_fm, n_c = self.split(batch)
+        teacher = (n_fm + n_c * (2 if self.mix_ratio != 1.0 else 1)) if guided else 0
+        return 3 * batch + teacher + n_c
+
 
 @dataclass
 class StepNoise:

@@ -56,6 +56,14 @@ class DiTConfig:
         patch, hidden, depth, heads = DIT_SIZES[canonical_size(size)]
         return cls(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kw)
 
+    def forward_macs(self) -> int:
+        """Multiply-accumulates of one forward pass of one sample (SOFLOW.md section 8's accounting)."""
+        H, T = self.hidden_size, (self.input_size // self.patch_size) ** 2
+        patch = self.patch_size ** 2 * self.in_channels
+        per_block = T * (12 * H * H + 2 * T * H) + 6 * H * H  # qkv, proj, mlp; attention; adaLN
+        embed = T * patch * H + 2 * (256 * H + H * H)          # patch embedding; two time embedders
+        return self.depth * per_block + embed + 2 * H * H + T * H * patch
+
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")

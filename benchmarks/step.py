@@ -1,0 +1,126 @@
+"""Training-step throughput: the three-call step vs the reference's six-call formulation, on this device.
+
+    python benchmarks/step.py configs/digits.yaml [--batch-size N] [--steps 10] [--warmup 3] [--set key=value]
+
+A step = loss forward + backward + AdamW update. Model FLOPs are counted as SOFLOW.md section 8 (forward MACs x 2 x
+forward-equivalents per step, the same count for both formulations, so the FLOP/s ratio is the speed ratio). On CPU
+the same run measures this machine's fp32 matmul rate and prints each step's fraction of it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import reference_math  # noqa: E402  (the six-call transcription the parity tests use)
+
+from soflow_fast.config import load_config, parse_override  # noqa: E402
+from soflow_fast.models import build_model  # noqa: E402
+from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
+from soflow_fast.train import autocast_dtype, resolve_device  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of fn() over `steps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device, n: int = 1024, reps: int = 10) -> float:
+    """fp32 FLOP/s of an n x n x n matmul on this device (median of reps)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / time_steps(lambda: a @ b, reps, 2, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--batch-size", type=int, help="override the config's batch_size")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    overrides = dict(parse_override(s) for s in args.set)
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    cfg = load_config(args.config, overrides)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = autocast_dtype(cfg.precision, device)
+    in_ch = {"digits": 1, "Imagenet": 4, "CIFAR10": 3}[cfg.dataset_type]
+    classes = cfg.num_classes if cfg.num_classes is not None else {"digits": 10, "Imagenet": 1000, "CIFAR10": 0}[
+        cfg.dataset_type]
+    over = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(cfg, k)}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=classes,
+                        null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=device, **over)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas))
+    hp, flow, B = cfg.hparams, cfg.flow, cfg.batch_size
+    x0 = torch.randn(B, in_ch, cfg.data_size, cfg.data_size, device=device)
+    y = torch.randint(0, classes, (B,), device=device) if classes else None
+    guided = y is not None and hp.cfg_scale > 1
+    gen = torch.Generator(device).manual_seed(0)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def three_call():
+        noise = draw_noise(hp, x0, guided, gen)
+        with ctx():
+            loss = soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label,
+                               loss_impl=model.cfg.kernels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def six_call():
+        noise = draw_noise(hp, x0, guided, gen)
+        with ctx():
+            loss, _ = reference_math.six_call_step(model, flow.noising, flow.coefficient, hp, x0, y, noise, 0,
+                                                   model.null_label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    flops = 2 * model.cfg.forward_macs() * hp.forward_equivalents(B, guided)
+    rows = [(name, time_steps(fn, args.steps, args.warmup, device)) for name, fn in
+            (("three-call (soflow_fast)", three_call), ("six-call (reference)", six_call))]
+    peak = matmul_rate(device) if device.type == "cpu" else None
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"device: {name}; model {cfg.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+          f"batch {B}, precision {amp or 'fp32'}, kernels {model.cfg.kernels}, "
+          f"{hp.forward_equivalents(B, guided) / B:.2f} forward-equivalents/sample, {flops / 1e9:.2f} GFLOP/step")
+    head = "| formulation | step ms (median) | images/s | model TFLOP/s |" + (" fraction of fp32 matmul |" if peak else "")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for label, sec in rows:
+        frac = f" {flops / sec / peak:.1%} |" if peak else ""
+        print(f"| {label} | {sec * 1e3:.1f} | {B / sec:.1f} | {flops / sec / 1e12:.4f} |{frac}")
+    print(f"speed-up of three-call over six-call: {rows[1][1] / rows[0][1]:.2f}x")
+    if peak:
+        print(f"fp32 matmul rate measured in this run (1024^3): {peak / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Config validation: the reference's keys mean the same; bad values name the key."""
+import pytest
+import yaml
+
+from soflow_fast.config import ConfigError, TrainConfig, load_config
+
+REFERENCE_IMAGENET = """
+working_dir: ./your_experiment_name
+noising_type: Linear # 'Linear', 'Triangular'
+coefficient_type: Euler
+model_type: DiT-B-4
+dataset_type: Imagenet
+data_size: 32
+dataset_path: ./imagenet_latent
+velocity_loss_ratio: 0.75
+p: 1.0
+eps: 0.01
+time_mean: [-0.2, -1.0, 0.2]
+time_std: [1.0, 0.8, 0.8]
+cfg_scale: 3.0
+mix_ratio: 0.25
+cfg_drop_rate: 0.1
+cfg_decay_time: 0.8
+l_schedule: Exponent
+l_init_ratio: 0.1
+l_end_ratio: 0.002
+total_steps: 400000
+ema_decay_rate: 0.9999
+learning_rate: 0.0001
+betas: [0.9, 0.99]
+weight_decay: 0.0
+batch_size: 256
+num_workers: 8
+prefetch_factor: 4
+eval_steps: 25000
+eval_batch_size: 125
+eval_NFE: 1
+eval_demo_steps: 1000
+eval_demo_shape: [4, 8]
+ckpt_saving_steps: 25000
+logging_steps: 100
+seed: 42
+"""
+
+
+def test_reference_config_parses_with_the_same_meaning(tmp_path):
+    path = tmp_path / "imagenet.yaml"
+    path.write_text(REFERENCE_IMAGENET)
+    cfg = load_config(path)
+    hp = cfg.hparams
+    assert (hp.cfg_scale, hp.mix_ratio, hp.cfg_drop_rate, hp.cfg_decay_time) == (3.0, 0.25, 0.1, 0.8)
+    assert hp.time_mean == (-0.2, -1.0, 0.2) and hp.l_schedule == "exponent" and hp.total_steps == 400000
+    assert cfg.flow.noising == "linear" and cfg.model_type == "DiT-B-4"
+
+
+def test_shipped_configs_parse():
+    import pathlib
+
+    for p in pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"):
+        load_config(p)
+
+
+def _with(**kw):
+    raw = yaml.safe_load(REFERENCE_IMAGENET)
+    raw.update(kw)
+    return raw
+
+
+@pytest.mark.parametrize("change,key", [
+    (dict(cfg_drop_rate=0.0), "cfg_drop_rate"),
+    (dict(velocity_loss_ratio=1.5), "velocity_loss_ratio"),
+    (dict(l_end_ratio=0.0), "l_end_ratio"),
+    (dict(l_schedule="Quadratic"), "l_schedule"),
+    (dict(noising_type="Cosine"), "noising_type"),
+    (dict(model_type="DiT-Q/9"), "model_type"),
+    (dict(batch_size="256"), "batch_size"),
+    (dict(time_mean=[0.0, 1.0]), "time_mean"),
+    (dict(betas=[0.9, 1.2]), "betas"),
+    (dict(learning_rate=True), "learning_rate"),
+    (dict(kernels="cuda"), "kernels"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (dict(cfg_scale=0.5), "cfg_scale"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(learing_rate=1e-4), "learing_rate"),  # a typo is an unknown key, not silently ignored
+])
+def test_bad_values_name_the_key(change, key):
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_dict(_with(**change))
+
+
+def test_triangular_alias_and_int_for_float():
+    cfg = TrainConfig.from_dict(_with(noising_type="Triangular", coefficient_type="Triangular", p=1, eps=1))
+    assert cfg.flow.noising == "trig" and cfg.flow.coefficient == "trig" and isinstance(cfg.p, float)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)

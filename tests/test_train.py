@@ -1,0 +1,131 @@
+"""The trainer: exact resume, a falling loss on the digits, non-finite handling, checkpoint errors, the CLI."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from soflow_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from soflow_fast.config import TrainConfig
+from soflow_fast.train import NonFiniteError, Trainer
+
+SMALL = dict(model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
+             batch_size=32, total_steps=6, cfg_scale=2.0, cfg_drop_rate=0.2, mix_ratio=0.5, cfg_decay_time=0.8,
+             learning_rate=1e-3, logging_steps=2, ckpt_saving_steps=3, eval_demo_steps=0, ema_decay_rate=0.9,
+             quality_report=False, device="cpu", kernels="eager", seed=7)
+
+
+def make(tmp_path, name="run", **kw):
+    cfg = TrainConfig.from_dict({**SMALL, **kw})
+    return Trainer(cfg, tmp_path / name)
+
+
+def flat_state(tr):
+    return [t.clone() for t in tr.model.state_dict().values()] + [t.clone() for t in tr.ema.state_dict().values()]
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = make(tmp_path, "a")
+    straight.fit(progress=False)
+
+    first = make(tmp_path, "b")
+    first.fit(max_steps=3, progress=False)  # stops at step 3, which is also a checkpoint step
+    resumed = make(tmp_path, "b")           # a fresh process would do the same: a new Trainer on the run directory
+    assert resumed.step == 3
+    resumed.fit(progress=False)
+    assert resumed.step == 6
+    for x, y in zip(flat_state(straight), flat_state(resumed)):
+        assert torch.equal(x, y)
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
+    log_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    by_step = lambda log: {r["step"]: r["loss"] for r in log}
+    # windows (2, 6] cover the same steps in both runs; the interrupted run also logged at its stop (step 3)
+    assert by_step(log_a)[2] == by_step(log_b)[2] and by_step(log_a)[6] == by_step(log_b)[6]
+
+
+def test_digits_loss_falls(tmp_path):
+    tr = make(tmp_path, total_steps=60, logging_steps=10, ckpt_saving_steps=60, hidden_size=64, depth=2,
+              num_heads=4, batch_size=64, learning_rate=2e-3)
+    tr.fit(progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "loss_fm", "loss_c", "mse_fm", "weight_fm", "mse_c", "weight_c", "grad_norm", "images_per_s",
+            "peak_mem_gb"} <= set(recs[0])
+    assert recs[-1]["mse_fm"] < 0.8 * recs[0]["mse_fm"], [r["mse_fm"] for r in recs]
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch):
+    import soflow_fast.train as T
+
+    real = T.soflow_loss
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        out.loss = out.loss * float("nan")
+        return out
+
+    tr = make(tmp_path, "stop")
+    before = flat_state(tr)
+    monkeypatch.setattr(T, "soflow_loss", poisoned)
+    with pytest.raises(NonFiniteError, match="step 1: non-finite loss"):
+        tr.fit(progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, flat_state(tr)))  # weights untouched
+
+    skip = make(tmp_path, "skip", on_nonfinite="skip")
+    before = flat_state(skip)
+    skip.fit(max_steps=2, progress=False)
+    assert skip.skipped == 2 and skip.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, flat_state(skip)))
+
+
+def test_checkpoints_are_atomic_pruned_and_validated(tmp_path):
+    tr = make(tmp_path, total_steps=9, keep_checkpoints=2)
+    tr.fit(progress=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "run")]
+    assert names == ["step_00000006.pt", "step_00000009.pt"]
+    assert not list((tmp_path / "run" / "ckpts").glob("*.tmp"))
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert ck["step"] == 9 and ck["data"]["epoch"] >= 0
+    # a truncated checkpoint is a clear error naming the file, not a silent restart
+    last = latest_checkpoint(tmp_path / "run")
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="step_00000009.pt"):
+        make(tmp_path, total_steps=9, keep_checkpoints=2)
+    # a foreign file: a torch file without our format tag
+    torch.save({"hello": torch.zeros(1)}, last)
+    with pytest.raises(ValueError, match="not a soflow_fast/1 checkpoint"):
+        make(tmp_path, total_steps=9, keep_checkpoints=2)
+
+
+def test_ema_warmup_decay():
+    from soflow_fast.train import ema_decay
+
+    cfg = TrainConfig.from_dict({**SMALL, "ema_warmup": True, "ema_decay_rate": 0.999})
+    assert ema_decay(cfg, 0) == pytest.approx(0.1) and ema_decay(cfg, 10**6) == 0.999
+    assert ema_decay(TrainConfig.from_dict({**SMALL, "ema_decay_rate": 0.999}), 0) == 0.999
+
+
+def test_cli_train_resume_and_sample(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({**SMALL, "total_steps": 4, "ckpt_saving_steps": 2, "eval_demo_steps": 2,
+                                   "eval_demo_shape": [2, 5]}))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
+    r = run("train", str(cfg), "--run-dir", str(tmp_path / "r"), "--max-steps", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run("train", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr and "step_00000002.pt" in r.stderr
+    assert (tmp_path / "r" / "samples" / "step_00000004.png").exists()
+    r = run("sample", str(tmp_path / "r" / "ckpts" / "step_00000004.pt"), "--out", str(tmp_path / "s"),
+            "--num", "10", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    r = run("train", str(cfg), "--set", "velocity_loss_ratio=2")
+    assert r.returncode == 2 and "velocity_loss_ratio" in r.stderr
+    for sub in ("train", "sample", "import-checkpoint"):
+        h = run(sub, "--help")
+        assert h.returncode == 0 and "usage" in h.stdout
