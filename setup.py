@@ -1,5 +1,5 @@
 """soflow_fast: installs the package, maps kernels/ to soflow_fast.kernels."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 # --- optional extension soflow_fast._fused_optim (csrc/: fused AdamW + EMA step) --------------------
@@ -41,7 +41,7 @@ setup(
     version="0.1.0",
     description="Fast, exact trainer for SoFlow one-step generative models",
     python_requires=">=3.10",
-    packages=["soflow_fast", "soflow_fast.models", "soflow_fast.kernels"],
+    packages=find_packages(include=["soflow_fast", "soflow_fast.*"]) + ["soflow_fast.kernels"],
     package_dir={"soflow_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4,<2.14",  # users bring their own CUDA build; CI pins 2.13.0 (CPU)

@@ -1,4 +1,4 @@
-"""soflow-fast: train | sample | import-checkpoint (also `python -m soflow_fast`)."""
+"""soflow-fast: train | sample | import-checkpoint | evaluate | plot (also `python -m soflow_fast`)."""
 from __future__ import annotations
 
 import argparse
@@ -28,13 +28,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import consolidate
     from .flow import Flow, sample
     from .images import save_grid, save_npz, to_uint8_nhwc
     from .train import model_from_checkpoint, resolve_device
 
     device = resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint)
+    ck = consolidate(args.checkpoint)
     model = model_from_checkpoint(ck, "ema" if not args.raw_weights else "model", args.kernels, device)
     flow = Flow(**ck["flow"])
     mc = model.cfg
@@ -97,6 +97,74 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_save, consolidate
+
+    ck = consolidate(args.checkpoint)
+    atomic_save(ck, args.out)
+    print(f"exported step {ck['step']} (model and EMA weights, consolidated) -> {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.fid import NpzImages, evaluate_npz, reference_stats
+    from .evaluation.inception import load_inception
+
+    if args.samples is None and args.save_ref_stats is None:
+        raise ValueError("give a samples .npz to score, or --save-ref-stats to only compute the reference statistics")
+    if args.samples is not None:
+        NpzImages(args.samples)  # validates arr_0 from its header: a bad file fails before the reference pass
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    extractor = load_inception(args.inception, device)
+    progress = not args.no_progress
+    ref = reference_stats(args.ref, extractor, args.batch_size, progress)
+    if args.save_ref_stats:
+        ref.save(args.save_ref_stats)
+        print(f"wrote reference statistics of {args.ref} to {args.save_ref_stats}", file=sys.stderr)
+    if args.samples is None:
+        return 0
+    result = {"samples": str(args.samples), "reference": str(args.ref),
+              **evaluate_npz(args.samples, ref, extractor, args.batch_size, progress)}
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .evaluation.plot import plot_metrics
+
+    out = plot_metrics(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _prepare_latents(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_latents
+    from .train import resolve_device
+
+    m = prepare_latents(args.images, args.out, args.vae, image_size=args.image_size, shard_size=args.shard_size,
+                        dtype=args.dtype, batch_size=args.batch_size, on_error=args.on_error,
+                        device=resolve_device(args.device), num_threads=args.num_threads)
+    if m is not None:
+        print(f"wrote {m['count']} latents {m['sample_shape']} ({m['dtype']}) in {len(m['shards'])} shards to "
+              f"{args.out}" + (f"; {len(m['skipped'])} images skipped (see manifest.json)" if m["skipped"] else ""))
+    return 0
+
+
+def _convert_latents(args: argparse.Namespace) -> int:
+    from .data.prepare import convert_hdf5
+
+    m = convert_hdf5(args.hdf5, args.out, shard_size=args.shard_size, dtype=args.dtype, num_classes=args.num_classes)
+    print(f"converted {m['count']} latents {m['sample_shape']} ({m['dtype']}) into {len(m['shards'])} shards in "
+          f"{args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soflow-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="N-NFE samples from a checkpoint as a PNG grid and an ADM-layout .npz",
                        description="Draw samples from a soflow_fast checkpoint (EMA weights unless --raw-weights).")
-    s.add_argument("checkpoint", help="a soflow_fast checkpoint (.pt)")
+    s.add_argument("checkpoint", help="a consolidated .pt, a training checkpoint directory, or a run directory "
+                                      "(its latest checkpoint)")
     s.add_argument("--out", required=True, help="output folder for samples_<N>nfe.npz (arr_0: uint8 NHWC) and .png")
     s.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
     s.add_argument("--nfe", type=int, default=1, help="network evaluations per sample (default 1)")
@@ -126,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
     s.set_defaults(func=_sample)
 
+    e = sub.add_parser("export", help="consolidate a (sharded) training checkpoint into one .pt file",
+                       description="Gather the model and EMA weights of a training checkpoint (any world size) into "
+                                   "a single-file checkpoint that `sample` reads.")
+    e.add_argument("checkpoint", help="a training checkpoint directory, or a run directory (its latest checkpoint)")
+    e.add_argument("out", help="output .pt path")
+    e.set_defaults(func=_export)
+
     i = sub.add_parser("import-checkpoint", help="convert a reference SoFlow checkpoint into ours",
                        description="Convert a zlab-princeton/SoFlow checkpoint (model/ema_model with 'network.' keys) "
                                    "into a soflow_fast checkpoint that `sample` and `train` read.")
@@ -135,6 +211,58 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-classes", type=int, default=1000, help="classes of the label table (default 1000)")
     i.add_argument("--num-heads", type=int, help="attention heads (default: from the size table)")
     i.set_defaults(func=_import)
+
+    ev = sub.add_parser("evaluate", help="FID, sFID and Inception Score of an .npz of samples (ADM evaluator numbers)",
+                        description="Score arr_0 (uint8 NHWC) of a samples .npz against a reference: an ADM reference "
+                                    "batch / statistics .npz (mu, sigma[, mu_s, sigma_s]; e.g. "
+                                    "VIRTUAL_imagenet256_labeled.npz), or real images (.npz arr_0 or a folder). Prints "
+                                    "one JSON line. Inception-v3 weights come from a local file; nothing is "
+                                    "downloaded.")
+    ev.add_argument("samples", nargs="?", help="samples .npz (arr_0: uint8 [N, H, W, 3])")
+    ev.add_argument("--ref", required=True, help="reference: statistics .npz, images .npz, or a folder of images")
+    ev.add_argument("--inception", required=True, metavar="WEIGHTS",
+                    help="local FID Inception-v3 weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or "
+                         "weights-inception-2015-12-05-6726825d.pth (torch-fidelity)")
+    ev.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
+    ev.add_argument("--save-ref-stats", metavar="NPZ", help="also write the reference statistics (ADM layout) here")
+    ev.add_argument("--out", help="also write the JSON result to this file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_evaluate)
+
+    pl = sub.add_parser("plot", help="plot loss terms, FID and images/s of a run (RUN_DIR/metrics.jsonl) as a PNG",
+                        description="Draw RUN_DIR/metrics.jsonl (losses, mse, grad norm, images/s, FID when logged) "
+                                    "over steps into a PNG.")
+    pl.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    pl.add_argument("--out", help="output PNG (default RUN_DIR/metrics.png)")
+    pl.set_defaults(func=_plot)
+
+    pr = sub.add_parser("prepare-latents", help="encode an ImageFolder into sharded SD-VAE latents (DALI decode)",
+                        description="Decode (DALI), ADM center crop, encode with a local diffusers AutoencoderKL; "
+                                    "store posterior mean and std in .npy shards with manifest.json. Resumes from "
+                                    "complete shards; under torchrun each rank takes every world_size-th shard.")
+    pr.add_argument("images", help="ImageFolder: one sub-folder per class with JPEG/PNG files")
+    pr.add_argument("out", help="output latent directory")
+    pr.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. a copy of sd-vae-ft-mse)")
+    pr.add_argument("--image-size", type=int, default=256, help="crop size in pixels, 256 or 512 (default 256)")
+    pr.add_argument("--shard-size", type=int, default=1024, help="latents per shard (default 1024)")
+    pr.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="shard dtype (default float16)")
+    pr.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch (default 64)")
+    pr.add_argument("--on-error", default="stop", choices=["stop", "skip"],
+                    help="an unreadable image: stop, or skip it with a warning (recorded in the manifest)")
+    pr.add_argument("--num-threads", type=int, default=4, help="DALI CPU threads (default 4)")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
+    pr.set_defaults(func=_prepare_latents)
+
+    cv = sub.add_parser("convert-latents", help="import the reference implementation's imagenet_latent.hdf5",
+                        description="Convert imagenet_latent.hdf5 (latents [N, 8, h, w], labels, amount, latent_size) "
+                                    "into the shard format of prepare-latents. Needs h5py.")
+    cv.add_argument("hdf5", help="imagenet_latent.hdf5 (or the folder holding it)")
+    cv.add_argument("out", help="output latent directory")
+    cv.add_argument("--shard-size", type=int, default=1024, help="latents per shard (default 1024)")
+    cv.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="shard dtype (default float32)")
+    cv.add_argument("--num-classes", type=int, help="label classes (default: largest label + 1)")
+    cv.set_defaults(func=_convert_latents)
     return p
 
 

@@ -78,6 +78,11 @@ class TrainConfig:
     keep_checkpoints: int = 3               # most recent checkpoints kept (0 = all)
     quality_report: bool = True             # digits: the classifier-based report at the end
     device: str = "auto"                    # auto | cpu | cuda
+    parallel: str = "none"                  # none | ddp | fsdp (FSDP2: bf16 params/compute, fp32 reduction)
+    micro_batch_size: int = 0               # rows per forward on a rank (0 = batch_size / world); the rest accumulates
+    activation_checkpointing: bool = False  # recompute each DiT block in the backward
+    compile: bool = False                   # torch.compile each DiT block
+    peak_tflops: float = 0.0                # per-device peak for MFU (0 = from the table of known devices)
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -164,9 +169,12 @@ class TrainConfig:
             raise bad("eval_demo_shape", "expected [rows, columns], both >= 1")
         for key, allowed in (("kernels", KERNEL_MODES), ("precision", ("auto", "bf16", "fp32")),
                              ("optimizer", ("adamw", "fused_adamw_ema", "apex")),
-                             ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda"))):
+                             ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda")),
+                             ("parallel", ("none", "ddp", "fsdp"))):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {list(allowed)}")
+        if self.micro_batch_size < 0 or self.peak_tflops < 0:
+            raise bad("micro_batch_size" if self.micro_batch_size < 0 else "peak_tflops", "must be >= 0")
         if self.num_classes is not None and self.num_classes < 0:
             raise bad("num_classes", "must be >= 0")
         if self.cfg_scale > 1.0 and self.num_classes == 0:

@@ -146,7 +146,8 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     # Call 3: the gradient call. A stochastic network gets its consistency rows in a call of their own, so that F_t
     # sees exactly the random stream F_l saw.
     if stochastic:
-        F_fm = net(xt_fm, noise.t_fm, noise.t_fm, labels(slice(0, n_fm), y_m)) if n_fm else xt_fm[:0]
+        with _rng_stream(noise.dropout_seed + 1, dev, True):  # seeded too: the step never reads the global RNG
+            F_fm = net(xt_fm, noise.t_fm, noise.t_fm, labels(slice(0, n_fm), y_m)) if n_fm else xt_fm[:0]
         with _rng_stream(noise.dropout_seed, dev, True):
             F_c = net(xt_c, t_c, s_c, labels(slice(n_fm, B), y_m)) if n_c else xt_c[:0]
     else:

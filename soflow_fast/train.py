@@ -1,13 +1,13 @@
 """The training loop: get batch, SoFlow loss (three network calls), backward, clip, step, EMA, log, checkpoint.
 
-Re-running on an existing run directory resumes from its latest checkpoint and continues exactly (the data
-position, the step-noise generator and the global RNG states are all in the checkpoint).
+Runs as one process or under torchrun (parallel: ddp | fsdp). The global batch is the config's batch_size; each of
+W ranks takes B/W rows, in micro-batches of micro_batch_size with gradient accumulation. Each micro-batch is split
+into FM and consistency rows as the reference splits each GPU's batch, and its randomness is drawn from a generator
+seeded by (seed, step, micro-batch index), so a run is reproducible, and resumable exactly, on any world size.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import logging
 import math
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,13 +29,27 @@ from .data.loader import TensorLoader
 from .flow import sample
 from .images import save_grid, to_uint8_nhwc
 from .models import DiT, DiTConfig, build_model
-from .step import SoFlowHParams, draw_noise, soflow_loss
+from .models.reference import load_state_strict
+from .optim import build_optimizer, optimizer_backends, step_with_ema
+from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, unwrap
+from .step import draw_noise, soflow_loss
 
 log = logging.getLogger("soflow_fast")
+
+# Dense bf16 peak TFLOP/s per device, for MFU (fp32 runs use TF32, half of it). Match on the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
+                    "A10": 125.0, "L4": 121.0}
 
 
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss or gradient (and on_nonfinite is 'stop')."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """None = fp32. auto: bf16 on CUDA devices that support it, fp32 elsewhere."""
+    if precision == "fp32" or (precision == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,15 +60,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None = fp32. auto: bf16 on CUDA devices that support it, fp32 elsewhere."""
-    if precision == "fp32" or (precision == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return None
-    return torch.bfloat16
-
-
-def dataset_for(cfg: TrainConfig, device: torch.device) -> tuple[TensorLoader, int, int]:
-    """(loader, in_channels, num_classes) for the config's dataset."""
+def dataset_for(cfg: TrainConfig, dist: DistInfo) -> tuple[TensorLoader, int, int]:
+    """(loader of this rank's rows, in_channels, num_classes) for the config's dataset."""
     if cfg.dataset_type != "digits":
         raise ConfigError(f"config: dataset_type = {cfg.dataset_type!r} is not supported by this version "
                           "(its loader has not landed yet); use 'digits'")
@@ -65,7 +73,9 @@ def dataset_for(cfg: TrainConfig, device: torch.device) -> tuple[TensorLoader, i
     num_classes = NUM_CLASSES if cfg.num_classes is None else cfg.num_classes
     if num_classes not in (0, NUM_CLASSES):
         raise ConfigError(f"config: num_classes = {num_classes}: the digits have {NUM_CLASSES} classes (or 0)")
-    return TensorLoader(x, y if num_classes else None, cfg.batch_size, cfg.seed, device), IMAGE_SHAPE[0], num_classes
+    loader = TensorLoader(x, y if num_classes else None, cfg.batch_size, cfg.seed, dist.device, dist.rank,
+                          dist.world_size)
+    return loader, IMAGE_SHAPE[0], num_classes
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
@@ -73,118 +83,185 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
     return min(cfg.ema_decay_rate, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay_rate
 
 
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """A generator seed for (run seed, step, global micro-batch index): independent streams, no state to save."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device, amp: Optional[torch.dtype]) -> Optional[float]:
+    """Per-device peak FLOP/s for MFU: the config's peak_tflops, else the table; None when unknown (e.g. CPU)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12 / (1 if amp else 2)
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Optional[str | os.PathLike] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.working_dir)
-        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(cfg.device)
+        W = self.dist.world_size
+        if W > 1 and cfg.parallel == "none":
+            raise ConfigError(f"config: parallel = 'none' but torchrun started {W} ranks; use ddp or fsdp")
+        if cfg.batch_size % W:
+            raise ConfigError(f"config: batch_size = {cfg.batch_size} is not divisible by the world size {W}")
+        local = cfg.batch_size // W
+        self.micro = cfg.micro_batch_size or local
+        if local % self.micro:
+            raise ConfigError(f"config: micro_batch_size = {cfg.micro_batch_size} does not divide the per-rank "
+                              f"batch {local} (batch_size {cfg.batch_size} / world size {W})")
+        self.accum = local // self.micro
+        self.device = self.dist.device
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(cfg.seed)
-        self.loader, in_ch, num_classes = dataset_for(cfg, self.device)
+        self.loader, in_ch, num_classes = dataset_for(cfg, self.dist)
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}
-        self.model = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
-                                 null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device, **overrides)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
-        if cfg.optimizer != "adamw":
-            raise ConfigError(f"config: optimizer = {cfg.optimizer!r} is not available in this version; use 'adamw'")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
+                               null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device, **overrides)
+        fsdp = cfg.parallel == "fsdp"
+        self.model = parallelize(self.net, cfg.parallel, param_dtype=self.amp_dtype if fsdp else None,
+                                 activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile,
+                                 device=self.device)
+        self.autocast = not fsdp  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
+        named = list(unwrap(self.model).named_parameters())
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.ema = [p.detach().clone().float() for p in self.params]  # fp32, sharded like the parameters
+        if cfg.optimizer == "fused_adamw_ema" and fsdp:
+            raise ConfigError("config: optimizer = 'fused_adamw_ema' takes plain tensors, not FSDP shards; "
+                              "use 'adamw' with parallel: fsdp")
+        try:
+            self.optimizer = build_optimizer(cfg.optimizer, self.params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
+                                             weight_decay=cfg.weight_decay, ema_params=self.ema,
+                                             ema_decay=cfg.ema_decay_rate)
+        except RuntimeError as e:
+            raise ConfigError(f"config: optimizer = {cfg.optimizer!r}: {e}") from None
+        self.trainable = [p for p in self.params if p.requires_grad]
         self.flow, self.hp = cfg.flow, cfg.hparams
-        self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
         self.skipped = 0
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flops_per_step = 2 * self.net.cfg.forward_macs() * self.hp.forward_equivalents(
+            self.micro, num_classes > 0 and self.hp.cfg_scale > 1) * self.accum * W
+        self.peak = peak_flops(cfg, self.device, self.amp_dtype)
         self._resume()
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        model_cfg = {k: v for k, v in dataclasses.asdict(self.model.cfg).items() if k != "kernels"}
-        rng = {"cpu": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": ckpt_io.FORMAT, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "skipped": self.skipped,
-                "data": self.loader.state_dict(), "rng": rng, "config": self.cfg.to_dict(),
-                "model_config": model_cfg, "flow": {"noising": self.flow.noising, "coefficient": self.flow.coefficient}}
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": dict(zip(self.param_names, self.ema))}
+
+    def _meta(self) -> dict:
+        model_cfg = {k: v for k, v in self.net.cfg.__dict__.items() if k != "kernels"}
+        return {"step": self.step, "skipped": self.skipped, "data": self.loader.state_dict(),
+                "config": self.cfg.to_dict(), "model_config": model_cfg, "world_size": self.dist.world_size,
+                "flow": {"noising": self.flow.noising, "coefficient": self.flow.coefficient}}
 
     def save(self) -> Path:
-        path = ckpt_io.checkpoint_path(self.run_dir, self.step)
-        ckpt_io.atomic_save(self.state_dict(), path)
-        ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        """Collective: a DCP checkpoint of this step (every rank writes its shards)."""
+        path = ckpt_io.checkpoint_dir(self.run_dir, self.step)
+        ckpt_io.save_training_checkpoint(path, self._dcp_state(), self._meta(), self.dist.is_main)
+        if self.dist.is_main:
+            ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
     def _resume(self) -> None:
         path = ckpt_io.latest_checkpoint(self.run_dir)
         if path is None:
             return
-        ck = ckpt_io.load_checkpoint(path)
-        from .models.reference import load_state_strict
+        meta = ckpt_io.read_meta(path)
+        ours = self._meta()["model_config"]
+        diff = [k for k in ours if meta["model_config"].get(k) != ours[k]]
+        if diff:
+            raise ValueError(f"checkpoint {path}: its model has {diff[0]} = {meta['model_config'].get(diff[0])!r}, "
+                             f"the config asks for {ours[diff[0]]!r}")
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        load_state_strict(self.model, ck["model"], f"checkpoint {path} [model]")
-        load_state_strict(self.ema, ck["ema"], f"checkpoint {path} [ema]")
-        try:
-            self.optimizer.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {path}: optimizer state does not fit this model ({e})") from None
-        self.step, self.skipped = int(ck["step"]), int(ck.get("skipped", 0))
-        self.loader.load_state_dict(ck["data"])
-        torch.set_rng_state(ck["rng"]["cpu"])
-        self.noise_gen.set_state(ck["rng"]["noise"])
-        if "cuda" in ck["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-        log.info("resumed from %s at step %d", path, self.step)
+        state = self._dcp_state()
+        ckpt_io.load_training_state(path, state)  # fills the EMA tensors in place
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.step, self.skipped = int(meta["step"]), int(meta.get("skipped", 0))
+        self.loader.load_state_dict(meta["data"])
+        log.info("resumed from %s at step %d (written by %d ranks)", path, self.step, meta.get("world_size", 1))
 
     # -- one step -----------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
+    def _amp(self):
+        if self.amp_dtype is None or not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _sync_grads(self, last: bool):
+        """Gradient all-reduce only on the last micro-batch of a step."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self, x0: Tensor, y: Optional[Tensor]) -> Optional[dict[str, float]]:
-        """One optimizer step; returns the step's statistics, or None when on_nonfinite='skip' skipped it."""
+        """One optimizer step on this rank's rows; returns its statistics (None when a non-finite step is skipped)."""
         self.model.train()
         guided = y is not None and self.hp.cfg_scale > 1.0
-        noise = draw_noise(self.hp, x0, guided, self.noise_gen)
-        with self._autocast():
-            out = soflow_loss(self.model, self.flow, self.hp, x0, y, noise, self.step, self.model.null_label,
-                              loss_impl=self.model.cfg.kernels)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        stats: dict[str, Tensor] = {}
+        for a in range(self.accum):
+            rows = slice(a * self.micro, (a + 1) * self.micro)
+            xm, ym = x0[rows], None if y is None else y[rows]
+            gen = torch.Generator(self.device).manual_seed(
+                step_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
+            noise = draw_noise(self.hp, xm, guided, gen)
+            with self._sync_grads(a == self.accum - 1), self._amp():
+                out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
+                                  loss_impl=self.net.cfg.kernels)
+            (out.loss / self.accum).backward()
+            for k, v in {"loss": out.loss.detach(), **out.stats}.items():
+                stats[k] = stats.get(k, 0.0) + v.float() / self.accum
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
-            what = f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(out.loss) else 'gradient norm'}"
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        check = all_reduce_mean(torch.stack([stats["loss"], grad_norm.float()]))
+        if not bool(torch.isfinite(check).all()):
+            what = f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(check[0]) else 'gradient norm'}"
+            self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.on_nonfinite == "stop":
-                raise NonFiniteError(f"{what} ({out.loss.item()}); the weights were not updated. "
+                raise NonFiniteError(f"{what} ({check[0].item()}); the weights were not updated. "
                                      "Lower learning_rate, set grad_clip, or set on_nonfinite: skip")
             log.warning("%s: step skipped", what)
-            self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.step += 1
             return None
-        self.optimizer.step()
         with torch.no_grad():
-            ema_p = list(self.ema.parameters())
-            torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - ema_decay(self.cfg, self.step))
+            step_with_ema(self.optimizer, self.ema, [p.detach() for p in self.params], ema_decay(self.cfg, self.step))
         self.step += 1
-        stats = {k: v.item() for k, v in out.stats.items()}
-        stats.update(loss=out.loss.item(), grad_norm=grad_norm.item())
-        return stats
+        keys = sorted(stats)
+        values = all_reduce_mean(torch.stack([stats[k] for k in keys]))
+        return {**dict(zip(keys, values.tolist())), "grad_norm": grad_norm.item()}
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None, progress: bool = True) -> None:
         cfg = self.cfg
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
-        log.info("device %s, precision %s, kernels %s, attention %s, params %.2fM, steps %d -> %d",
-                 self.device, self.amp_dtype or "fp32", self.model.cfg.kernels, self._attention_backend(),
-                 sum(p.numel() for p in self.params) / 1e6, self.step, end)
-        bar = _progress(self.step, end, progress)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            log.info("optimizer backends available: %s", optimizer_backends())
+            log.info("device %s x %d ranks (%s), precision %s, kernels %s, attention %s, optimizer %s, "
+                     "params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
+                     self.device, self.dist.world_size, cfg.parallel, self.amp_dtype or "fp32", self.net.cfg.kernels,
+                     self._attention_backend(), cfg.optimizer, sum(p.numel() for p in self.params) / 1e6,
+                     cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
+        bar = _progress(self.step, end, progress and self.dist.is_main)
         acc: dict[str, float] = {}
         n_acc, t0 = 0, time.perf_counter()
         while self.step < end:
@@ -196,8 +273,7 @@ class Trainer:
                 n_acc += 1
             bar(self.step, stats)
             if self.step % cfg.logging_steps == 0 or self.step == end:
-                elapsed = time.perf_counter() - t0
-                self._log_metrics(acc, n_acc, elapsed)
+                self._log_metrics(acc, n_acc, time.perf_counter() - t0)
                 acc, n_acc, t0 = {}, 0, time.perf_counter()
             if cfg.eval_demo_steps and self.step % cfg.eval_demo_steps == 0:
                 self.sample_grid()
@@ -206,29 +282,50 @@ class Trainer:
         bar(None, None)
 
     def _log_metrics(self, acc: dict[str, float], n: int, elapsed: float) -> None:
+        peak_mem = _peak_memory_gb(self.device)
+        if self.dist.enabled:
+            t = torch.tensor([peak_mem], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            peak_mem = t.item()
+        if not self.dist.is_main:
+            return
         steps = max(n, 1)
-        rec = {"step": self.step, **{k: v / steps for k, v in acc.items()},
-               "images_per_s": n * self.cfg.batch_size / max(elapsed, 1e-9), "skipped": self.skipped,
-               "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_gb": _peak_memory_gb(self.device)}
+        per_s = n / max(elapsed, 1e-9)
+        tflops = self.flops_per_step * per_s / 1e12
+        rec = {"step": self.step, **{k: v / steps for k, v in acc.items()}, "images_per_s": per_s * self.cfg.batch_size,
+               "images_per_s_per_device": per_s * self.cfg.batch_size / self.dist.world_size,
+               "model_tflops": tflops, "mfu": tflops * 1e12 / self.dist.world_size / self.peak if self.peak else None,
+               "skipped": self.skipped, "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_gb": peak_mem}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        log.info("step %d  loss %.4f  fm %.4f (mse %.4f w %.3f)  cons %.4f (mse %.4f w %.3f)  |g| %.3f  %.1f img/s",
-                 self.step, rec.get("loss", float("nan")), rec.get("loss_fm", float("nan")),
-                 rec.get("mse_fm", float("nan")), rec.get("weight_fm", float("nan")), rec.get("loss_c", float("nan")),
-                 rec.get("mse_c", float("nan")), rec.get("weight_c", float("nan")), rec.get("grad_norm", float("nan")),
-                 rec["images_per_s"])
+        nan = float("nan")
+        log.info("step %d  loss %.4f  fm %.4f (mse %.4f w %.3f)  cons %.4f (mse %.4f w %.3f)  |g| %.3f  %.1f img/s"
+                 "  %.3f TFLOP/s%s  mem %.2f GB", self.step, rec.get("loss", nan), rec.get("loss_fm", nan),
+                 rec.get("mse_fm", nan), rec.get("weight_fm", nan), rec.get("loss_c", nan), rec.get("mse_c", nan),
+                 rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops,
+                 f" (MFU {rec['mfu']:.1%})" if rec["mfu"] else "", peak_mem)
+
+    def ema_module(self) -> DiT:
+        """A plain DiT holding the whole EMA weights (collective under FSDP: every rank must call it)."""
+        full = {n: full_tensor(t) for n, t in zip(self.param_names, self.ema)}
+        model = DiT(self.net.cfg).to(self.device)
+        load_state_strict(model, full, "EMA weights")
+        return model.eval()
 
     @torch.no_grad()
-    def sample_grid(self) -> Path:
-        """A grid of 1-NFE EMA samples (labels cycling through the classes) in run_dir/samples/."""
+    def sample_grid(self) -> Optional[Path]:
+        """A grid of EMA samples (labels cycling through the classes) in run_dir/samples/ (collective)."""
+        ema = self.ema_module()
+        if not self.dist.is_main:
+            return None
         rows, cols = self.cfg.eval_demo_shape
         n = rows * cols
         g = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        x1 = torch.randn((n, self.model.cfg.in_channels, self.cfg.data_size, self.cfg.data_size), generator=g,
+        x1 = torch.randn((n, ema.cfg.in_channels, self.cfg.data_size, self.cfg.data_size), generator=g,
                          device=self.device)
-        y = torch.arange(n, device=self.device) % self.model.cfg.num_classes if self.model.cfg.num_classes else None
-        with self._autocast():
-            x = sample(self.ema, self.flow, x1, nfe=self.cfg.eval_NFE, y=y, generator=g)
+        y = torch.arange(n, device=self.device) % ema.cfg.num_classes if ema.cfg.num_classes else None
+        with self._amp():
+            x = sample(ema, self.flow, x1, nfe=self.cfg.eval_NFE, y=y, generator=g)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         save_grid(to_uint8_nhwc(x), rows, cols, path, upscale=4 if self.cfg.data_size <= 16 else 1)
         return path
@@ -242,7 +339,7 @@ class Trainer:
         os.replace(tmp, path)
 
     def _attention_backend(self) -> str:
-        probe = torch.empty(1, 1, 1, self.model.cfg.hidden_size // self.model.cfg.num_heads, device=self.device,
+        probe = torch.empty(1, 1, 1, self.net.cfg.hidden_size // self.net.cfg.num_heads, device=self.device,
                             dtype=self.amp_dtype or torch.float32)
         return ops.attention_backend(probe)
 
@@ -265,9 +362,9 @@ def _progress(start: int, end: int, enabled: bool) -> Callable:
             if tty:
                 sys.stderr.write("\n")
             return
-        frac = step / max(end, 1)
         if not tty and step != end and step % max((end - first) // 10, 1):
             return
+        frac = step / max(end, 1)
         rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
         eta = (end - step) / rate if rate > 0 else float("nan")
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
@@ -281,9 +378,7 @@ def _progress(start: int, end: int, enabled: bool) -> Callable:
 
 def model_from_checkpoint(ck: dict, weights: str = "ema", kernels: str = "eager",
                           device: torch.device | str = "cpu") -> DiT:
-    """Rebuild the network a checkpoint describes and load its EMA (default) or raw weights."""
-    from .models.reference import load_state_strict
-
+    """Rebuild the network a consolidated checkpoint describes and load its EMA (default) or raw weights."""
     impl = ops.resolve_kernels(kernels, device)
     model = DiT(DiTConfig(**ck["model_config"], kernels=impl))
     load_state_strict(model, ck[weights], f"checkpoint [{weights}]")

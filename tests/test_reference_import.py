@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from soflow_fast.checkpoint import load_checkpoint
+from soflow_fast.checkpoint import load_consolidated
 from soflow_fast.models.reference import load_reference_checkpoint
 
 
@@ -92,7 +92,7 @@ def test_cli_import_then_sample(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
     r = run("import-checkpoint", str(ref), str(ours), "--num-classes", "10", "--num-heads", "4")
     assert r.returncode == 0, r.stderr
-    ck = load_checkpoint(ours)
+    ck = load_consolidated(ours)
     assert ck["step"] == 1234 and torch.equal(ck["ema"]["blocks.1.mlp.fc1.weight"],
                                               ema["network.blocks.1.mlp.fc1.weight"])
     r = run("sample", str(ours), "--out", str(tmp_path / "s"), "--num", "12", "--nfe", "2", "--labels", "3,4",

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from soflow_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from soflow_fast.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 from soflow_fast.config import TrainConfig
 from soflow_fast.train import NonFiniteError, Trainer
 
@@ -23,7 +23,7 @@ def make(tmp_path, name="run", **kw):
 
 
 def flat_state(tr):
-    return [t.clone() for t in tr.model.state_dict().values()] + [t.clone() for t in tr.ema.state_dict().values()]
+    return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema]
 
 
 def test_resume_continues_bit_for_bit(tmp_path):
@@ -85,19 +85,30 @@ def test_checkpoints_are_atomic_pruned_and_validated(tmp_path):
     tr = make(tmp_path, total_steps=9, keep_checkpoints=2)
     tr.fit(progress=False)
     names = [p.name for p in list_checkpoints(tmp_path / "run")]
-    assert names == ["step_00000006.pt", "step_00000009.pt"]
+    assert names == ["step_00000006", "step_00000009"]
     assert not list((tmp_path / "run" / "ckpts").glob("*.tmp"))
-    ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
-    assert ck["step"] == 9 and ck["data"]["epoch"] >= 0
-    # a truncated checkpoint is a clear error naming the file, not a silent restart
     last = latest_checkpoint(tmp_path / "run")
-    last.write_bytes(last.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="step_00000009.pt"):
+    meta = read_meta(last)
+    assert meta["step"] == 9 and meta["data"]["epoch"] >= 0 and meta["world_size"] == 1
+    # an unfinished save (a .tmp directory) is ignored; the run resumes from the last complete checkpoint
+    (tmp_path / "run" / "ckpts" / "step_00000012.tmp").mkdir()
+    assert make(tmp_path, total_steps=12, keep_checkpoints=2).step == 9
+    # a damaged shard file is a clear error naming the checkpoint, not a silent restart
+    shard = next(last.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="step_00000009"):
         make(tmp_path, total_steps=9, keep_checkpoints=2)
-    # a foreign file: a torch file without our format tag
-    torch.save({"hello": torch.zeros(1)}, last)
-    with pytest.raises(ValueError, match="not a soflow_fast/1 checkpoint"):
+    # a foreign meta file
+    torch.save({"hello": torch.zeros(1)}, last / "meta.pt")
+    with pytest.raises(ValueError, match="not a soflow_fast/1 file"):
         make(tmp_path, total_steps=9, keep_checkpoints=2)
+    # a checkpoint of another architecture
+    (last / "meta.pt").unlink()
+    import shutil
+
+    shutil.rmtree(last)
+    with pytest.raises(ValueError, match="hidden_size"):
+        make(tmp_path, total_steps=9, keep_checkpoints=2, hidden_size=48)
 
 
 def test_ema_warmup_decay():
@@ -119,13 +130,20 @@ def test_cli_train_resume_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("train", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stderr and "step_00000002.pt" in r.stderr
+    assert "resumed from" in r.stderr and "step_00000002" in r.stderr
     assert (tmp_path / "r" / "samples" / "step_00000004.png").exists()
-    r = run("sample", str(tmp_path / "r" / "ckpts" / "step_00000004.pt"), "--out", str(tmp_path / "s"),
-            "--num", "10", "--device", "cpu")
+    r = run("sample", str(tmp_path / "r"), "--out", str(tmp_path / "s"), "--num", "10", "--device", "cpu")
     assert r.returncode == 0, r.stderr
+    r = run("export", str(tmp_path / "r"), str(tmp_path / "e.pt"))
+    assert r.returncode == 0, r.stderr
+    r = run("sample", str(tmp_path / "e.pt"), "--out", str(tmp_path / "s2"), "--num", "10", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+
+    assert np.array_equal(np.load(tmp_path / "s" / "samples_1nfe.npz")["arr_0"],
+                          np.load(tmp_path / "s2" / "samples_1nfe.npz")["arr_0"])
     r = run("train", str(cfg), "--set", "velocity_loss_ratio=2")
     assert r.returncode == 2 and "velocity_loss_ratio" in r.stderr
-    for sub in ("train", "sample", "import-checkpoint"):
+    for sub in ("train", "sample", "export", "import-checkpoint"):
         h = run(sub, "--help")
         assert h.returncode == 0 and "usage" in h.stdout

@@ -33,11 +33,15 @@ def generate(net: torch.nn.Module, flow: Flow, method: str, per_class: int, seed
 
 
 def run_quality_report(trainer, per_class: int = PER_CLASS) -> dict:
-    """Judge the trainer's EMA model; print the table and write quality.json in the run directory."""
+    """Judge the trainer's EMA model; print the table and write quality.json in the run directory.
+    Collective (the EMA weights are gathered on every rank); rank 0 judges and writes."""
+    ema = trainer.ema_module()
+    if not trainer.dist.is_main:
+        return {}
     train_x, train_y, test_x, test_y = load_digits_split()
     judge = DigitsJudge.train_on(train_x, train_y, seed=0)
     methods = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
-    samples = {m: generate(trainer.ema, trainer.flow, m, per_class, trainer.cfg.seed + 1, trainer.device)
+    samples = {m: generate(ema, trainer.flow, m, per_class, trainer.cfg.seed + 1, trainer.device)
                for m in methods}
     report = quality_report(judge, train_x, test_x, test_y, samples)
     report.update(weights="ema", ema_decay_rate=trainer.cfg.ema_decay_rate, ema_warmup=trainer.cfg.ema_warmup,

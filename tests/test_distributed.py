@@ -1,0 +1,120 @@
+"""Two-process runs on CPU (torchrun, gloo): DDP and FSDP2 match one process on the same global batch; sharded
+checkpoints resume on another world size; a killed run resumes from its last complete checkpoint.
+
+One process with micro_batch_size = B/2 (two accumulated micro-batches) computes what two ranks of B/2 rows do: the
+same rows, the same per-micro-batch FM/consistency split and the same randomness (seeded by step and micro-batch
+index). Tolerance (fp32): the two differ only in how gradients are summed (all-reduce of two halves vs accumulation),
+a few ulps (~1e-7 relative) per step; AdamW divides by sqrt(v), which for near-zero gradient entries can amplify that
+to ~1e-7 of lr-sized updates. After 4 steps at lr 1e-3 we allow 2e-6 absolute on weights (2e-3 of one step's
+update) and 1e-5 relative on logged losses; a wrong split, seed or scaling changes them at 1e-2 or more.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from soflow_fast.checkpoint import consolidate, latest_checkpoint
+
+BASE = dict(model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
+            batch_size=16, total_steps=4, cfg_scale=2.0, cfg_drop_rate=0.2, mix_ratio=0.5, learning_rate=1e-3,
+            logging_steps=1, ckpt_saving_steps=2, eval_demo_steps=0, ema_decay_rate=0.9, quality_report=False,
+            device="cpu", kernels="eager", precision="fp32", seed=3)
+ATOL = 2e-6
+
+
+def train(tmp_path, run, ranks=1, max_steps=None, wait=True, **kw):
+    cfg = tmp_path / f"{run}.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, **kw}))
+    cmd = [sys.executable, "-m", "soflow_fast", "train", str(cfg), "--run-dir", str(tmp_path / run), "--no-progress"]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "soflow_fast"] + cmd[3:]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def weights(tmp_path, run):
+    ck = consolidate(tmp_path / run)
+    return ck["step"], ck["model"], ck["ema"]
+
+
+def losses(tmp_path, run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same(tmp_path, a, b):
+    sa, ma, ea = weights(tmp_path, a)
+    sb, mb, eb = weights(tmp_path, b)
+    assert sa == sb
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=ATOL, msg=lambda m: f"model {k}: {m}")
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=ATOL, msg=lambda m: f"ema {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    train(tmp, "one", micro_batch_size=8)
+    return tmp
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, single, parallel):
+    train(tmp_path, parallel, ranks=2, parallel=parallel)
+    (tmp_path / "one").symlink_to(single / "one")
+    assert_same(tmp_path, "one", parallel)
+    la, lb = losses(tmp_path, "one"), losses(tmp_path, parallel)
+    assert la.keys() == lb.keys() == {1, 2, 3, 4}
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-5)
+
+
+def test_micro_batching_changes_nothing_but_memory(tmp_path, single):
+    """Sanity check of the premise: without the split into micro-batches the run differs (the FM/consistency
+    split and the noise are per micro-batch), so the parity above is not trivially true."""
+    train(tmp_path, "whole")
+    _, ma, _ = weights(tmp_path, "whole")
+    _, mb, _ = weights(single, "one")
+    assert any((ma[k] - mb[k]).abs().max() > 1e-4 for k in ma)
+
+
+@pytest.mark.parametrize("first,second", [(dict(ranks=2, parallel="fsdp"), dict(micro_batch_size=8)),
+                                          (dict(micro_batch_size=8), dict(ranks=2, parallel="fsdp"))])
+def test_resume_on_another_world_size(tmp_path, single, first, second):
+    train(tmp_path, "r", max_steps=2, **first)
+    r = train(tmp_path, "r", **second)
+    assert "resumed from" in r.stdout + r.stderr
+    (tmp_path / "one").symlink_to(single / "one")
+    assert_same(tmp_path, "one", "r")
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, single):
+    proc = train(tmp_path, "k", ranks=2, parallel="fsdp", wait=False, total_steps=400, ckpt_saving_steps=2)
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_checkpoint(tmp_path / "k") is None:
+        time.sleep(0.2)
+    # SIGKILL torchrun and its workers (workers may sit in their own process groups: match the run directory)
+    os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "k")])
+    proc.wait()
+    time.sleep(1)
+    done = latest_checkpoint(tmp_path / "k")
+    assert done is not None, "the run wrote no checkpoint before the deadline"
+    done_step = int(done.name[len("step_"):])
+    r = train(tmp_path, "k", micro_batch_size=8, total_steps=400, ckpt_saving_steps=2, max_steps=done_step + 2)
+    assert f"resumed from {done}" in r.stdout + r.stderr
+    assert not list((tmp_path / "k" / "ckpts").glob("*.tmp"))  # a save cut short was cleared, not loaded
+    step, _, _ = weights(tmp_path, "k")
+    assert step == done_step + 2
