@@ -53,8 +53,11 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",  # CI pins 3.7.1 (what CUDA torch 2.13.0 pins)
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "triton>=3.0"],
+        # GPU-only packages are optional and import-guarded: flash-attn and NVIDIA apex are installed by hand on
+        # CUDA machines (the PyPI package named "apex" is unrelated: never install it for this).
+        "data": ["nvidia-dali-cuda130>=2.4", "diffusers>=0.30", "h5py>=3.8"],  # DALI runs CPU pipelines too
+        "eval": ["tqdm>=4.60"],
+        "test": ["pytest>=7", "nvidia-dali-cuda130==2.4.0", "diffusers==0.42.1", "h5py==3.16.0", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["soflow-fast=soflow_fast.cli:main"]},
     **_fused_optim_extension(),

@@ -120,12 +120,14 @@ def consolidate(path: str | os.PathLike) -> dict:
         if latest is None:
             raise FileNotFoundError(f"checkpoint {path}: neither a checkpoint directory nor a run with checkpoints")
         path = latest
-    from .models import DiT, DiTConfig
+    from .models import model_from_config
 
     meta = read_meta(path)
-    template = DiT(DiTConfig(**meta["model_config"])).state_dict()
-    state = {"model": {k: torch.empty_like(v) for k, v in template.items()},
-             "ema": {k: torch.empty_like(v) for k, v in template.items()}}
+    model = model_from_config(meta["model_config"])
+    params = {k for k, _ in model.named_parameters()}
+    state = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()},
+             "ema": {k: torch.empty_like(v) for k, v in model.state_dict().items() if k in params}}
     load_training_state(path, state)
-    return {"format": FORMAT, "model": state["model"], "ema": state["ema"], "step": meta["step"],
+    ema = {k: state["ema"].get(k, v) for k, v in state["model"].items()}  # the EMA has no buffers: the model's
+    return {"format": FORMAT, "model": state["model"], "ema": ema, "step": meta["step"],
             "model_config": meta["model_config"], "flow": meta["flow"], "config": meta.get("config")}

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 
@@ -29,48 +28,34 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .checkpoint import consolidate
-    from .flow import Flow, sample
-    from .images import save_grid, save_npz, to_uint8_nhwc
-    from .train import model_from_checkpoint, resolve_device
+    from .flow import Flow
+    from .parallel import init_distributed
+    from .sampling import generate, load_decoder
+    from .train import autocast_dtype, model_from_checkpoint
 
-    device = resolve_device(args.device)
+    dist = init_distributed(args.device)
     ck = consolidate(args.checkpoint)
-    model = model_from_checkpoint(ck, "ema" if not args.raw_weights else "model", args.kernels, device)
-    flow = Flow(**ck["flow"])
-    mc = model.cfg
-    g = torch.Generator(device).manual_seed(args.seed)
-    if mc.num_classes:
-        if args.labels:
-            labels = [int(v) for v in args.labels.split(",")]
-            bad = [v for v in labels if not 0 <= v < mc.num_classes]
-            if bad:
-                raise SystemExit(f"--labels: {bad[0]} is outside 0..{mc.num_classes - 1}")
-            y_all = torch.tensor(labels * (args.num // len(labels) + 1), device=device)[:args.num]
-        else:
-            y_all = torch.randint(0, mc.num_classes, (args.num,), generator=g, device=device)
-    else:
-        y_all = None
-    images = []
-    for start in range(0, args.num, args.batch_size):
-        n = min(args.batch_size, args.num - start)
-        x1 = torch.randn((n, mc.in_channels, mc.input_size, mc.input_size), generator=g, device=device)
-        y = None if y_all is None else y_all[start:start + n]
-        images.append(to_uint8_nhwc(sample(model, flow, x1, nfe=args.nfe, y=y, generator=g)))
-    arr = np.concatenate(images)
-    out = Path(args.out)
-    labels_np = None if y_all is None else y_all.cpu().numpy()
-    save_npz(arr, out / f"samples_{args.nfe}nfe.npz", labels_np)
-    cols = min(args.num, 10)
-    save_grid(arr, (min(args.num, 100) + cols - 1) // cols, cols, out / f"samples_{args.nfe}nfe.png",
-              upscale=4 if mc.input_size <= 16 else 1)
-    print(f"wrote {len(arr)} samples to {out}/samples_{args.nfe}nfe.npz and .png")
+    model = model_from_checkpoint(ck, "ema" if not args.raw_weights else "model", args.kernels, dist.device)
+    labels = None
+    if args.labels:
+        labels = [int(v) for v in args.labels.split(",")]
+        classes = getattr(model.cfg, "num_classes", 0)
+        bad = [v for v in labels if not 0 <= v < classes]
+        if bad:
+            raise ValueError(f"--labels: {bad[0]} is outside 0..{classes - 1}")
+    path = generate(model, Flow(**ck["flow"]), Path(args.out), num=args.num_samples, nfe=args.nfe, seed=args.seed,
+                    batch_size=args.batch_size, dist=dist, labels=labels,
+                    vae=load_decoder(args.vae, dist.device), amp=autocast_dtype("auto", dist.device))
+    if path is not None:
+        print(f"wrote {args.num_samples} samples to {path} (arr_0 uint8 NHWC) and {path.with_suffix('.png')}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
     from .checkpoint import FORMAT, atomic_save
     from .config import load_config
-    from .models.reference import infer_dit_config, read_checkpoint, strip_reference_prefix
+    from .models import build_unet, describe
+    from .models.reference import infer_dit_config, load_state_strict, read_checkpoint, strip_reference_prefix
 
     ref = read_checkpoint(args.reference)
     for key in ("model", "ema_model"):
@@ -79,21 +64,22 @@ def _import(args: argparse.Namespace) -> int:
     model = strip_reference_prefix(ref["model"], f"checkpoint {args.reference} [model]")
     ema = strip_reference_prefix(ref["ema_model"], f"checkpoint {args.reference} [ema_model]")
     cfg = load_config(args.config) if args.config else None
-    num_classes = args.num_classes if cfg is None or cfg.num_classes is None else cfg.num_classes
-    mcfg = infer_dit_config(model, num_classes, args.num_heads)
-    from .models import DiT
-    from .models.reference import load_state_strict
+    if any(k.startswith("enc.") for k in model):  # the reference's CIFAR-10 U-Net (one fixed architecture)
+        net = build_unet("UNet")
+    else:
+        from .models import DiT
 
+        num_classes = args.num_classes if cfg is None or cfg.num_classes is None else cfg.num_classes
+        net = DiT(infer_dit_config(model, num_classes, args.num_heads))
     for name, state in (("model", model), ("ema_model", ema)):  # check both fit before anything is written
-        load_state_strict(DiT(mcfg), state, f"checkpoint {args.reference} [{name}]")
+        load_state_strict(net, state, f"checkpoint {args.reference} [{name}]")
     flow = {"noising": cfg.flow.noising, "coefficient": cfg.flow.coefficient} if cfg else \
         {"noising": "linear", "coefficient": "euler"}
     out = {"format": FORMAT, "model": model, "ema": ema, "step": int(ref.get("finished_steps", 0)),
-           "model_config": {k: v for k, v in mcfg.__dict__.items() if k != "kernels"}, "flow": flow,
-           "config": cfg.to_dict() if cfg else None, "imported_from": str(args.reference)}
+           "model_config": describe(net), "flow": flow, "config": cfg.to_dict() if cfg else None,
+           "imported_from": str(args.reference)}
     atomic_save(out, args.out)
-    print(f"imported {args.reference} (step {out['step']}, {mcfg.depth} blocks, hidden {mcfg.hidden_size}, "
-          f"{'with' if mcfg.null_class else 'without'} null label) -> {args.out}")
+    print(f"imported {args.reference} ({type(net).__name__}, step {out['step']}) -> {args.out}")
     return 0
 
 
@@ -181,15 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="N-NFE samples from a checkpoint as a PNG grid and an ADM-layout .npz",
-                       description="Draw samples from a soflow_fast checkpoint (EMA weights unless --raw-weights).")
+                       description="Draw samples from a soflow_fast checkpoint (EMA weights unless --raw-weights). "
+                                   "Runs under torchrun (ranks take disjoint chunks), deterministic per seed whatever "
+                                   "the world size, and resumable (finished chunks are kept and skipped).")
     s.add_argument("checkpoint", help="a consolidated .pt, a training checkpoint directory, or a run directory "
                                       "(its latest checkpoint)")
     s.add_argument("--out", required=True, help="output folder for samples_<N>nfe.npz (arr_0: uint8 NHWC) and .png")
-    s.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
+    s.add_argument("--num-samples", type=int, default=100, help="number of samples (default 100)")
     s.add_argument("--nfe", type=int, default=1, help="network evaluations per sample (default 1)")
     s.add_argument("--labels", help="comma-separated class labels, cycled (default: uniformly random)")
     s.add_argument("--seed", type=int, default=0, help="seed of noise and random labels (default 0)")
-    s.add_argument("--batch-size", type=int, default=256, help="samples per network call (default 256)")
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="samples per network call and per resumable chunk (default 256); keep it fixed to resume")
+    s.add_argument("--vae", help="a LOCAL diffusers AutoencoderKL folder to decode latent models (e.g. sd-vae-ft-mse)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw (non-EMA) weights")
     s.add_argument("--kernels", default="auto", choices=["auto", "triton", "eager"], help="op implementation")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")

@@ -1,9 +1,10 @@
 """Optimizers and the EMA of the weights.
 
-Three interchangeable backends, picked by `build_optimizer(kind, ...)`:
+Interchangeable backends, picked by `build_optimizer(kind, ...)`:
 
 - 'adamw': torch.optim.AdamW (fused=True when every parameter is on CUDA, foreach otherwise); the EMA
-  is a separate pass, `ema_update_`. This is the reference.
+  is a separate pass, `ema_update_`. This is the reference. 'radam': torch.optim.RAdam, the reference's
+  CIFAR-10 optimizer, likewise with the separate EMA.
 - 'fused_adamw_ema': `FusedAdamWEMA`, the C++/CUDA extension soflow_fast._fused_optim (csrc/), doing
   the AdamW step and the EMA update in one pass: p, g, m, v, ema are read once and p, m, v, ema written
   once, instead of AdamW's pass plus the EMA's second read of p and read/write of ema.
@@ -23,7 +24,7 @@ try:
 except ImportError:  # extension not built: see BUILD_HINT
     _fused_optim = None
 
-KINDS = ("adamw", "fused_adamw_ema", "apex")
+KINDS = ("adamw", "radam", "fused_adamw_ema", "apex")
 BUILD_HINT = (
     "soflow_fast._fused_optim is not built; rebuild the package with torch importable at build time: "
     "`pip install --no-build-isolation -e .` (a C++ compiler is needed; for its CUDA kernel, a CUDA "
@@ -150,6 +151,8 @@ def build_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_
         on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         flag = {"fused": True} if on_cuda else {"foreach": True}
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flag)
+    if kind == "radam":  # the reference's CIFAR-10 optimizer, with its (L2-style) weight decay as the reference
+        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if kind == "fused_adamw_ema":
         return FusedAdamWEMA(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              ema_decay=ema_decay, ema_params=ema_params)

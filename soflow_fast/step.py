@@ -102,8 +102,10 @@ class StepOutput:
 
 
 def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
-                step: int, null_label: Optional[int], loss_impl: str = "eager") -> StepOutput:
-    """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step)."""
+                step: int, null_label: Optional[int], loss_impl: str = "eager",
+                augment_labels: Optional[Tensor] = None) -> StepOutput:
+    """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step).
+    augment_labels [B, D] (EDM augmentation) go with their rows to every network call."""
     B = x0.shape[0]
     n_fm, n_c = hp.split(B)
     guided = y is not None and hp.cfg_scale > 1.0
@@ -122,16 +124,26 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     def labels(rows: slice, which: Optional[Tensor]) -> Optional[Tensor]:
         return None if which is None else which[rows]
 
+    def call(x: Tensor, t: Tensor, s: Tensor, y: Optional[Tensor], rows: slice | list[slice]) -> Tensor:
+        """net(x, t, s, y), plus the augment labels of `rows` for networks that take them."""
+        if augment_labels is None:
+            return net(x, t, s, y)
+        rows = rows if isinstance(rows, list) else [rows]
+        return net(x, t, s, y, torch.cat([augment_labels[r] for r in rows]))
+
+    FM, C = slice(0, n_fm), slice(n_fm, B)
+
     # Call 1: the batched teacher (no gradient).
     F_unc_fm = F_unc_c = F_cond_c = None
     if guided:
-        parts = [(xt_fm, noise.t_fm, torch.full((n_fm,), null_label, device=dev)),
-                 (xt_c, t_c, torch.full((n_c,), null_label, device=dev))]
+        parts = [(xt_fm, noise.t_fm, torch.full((n_fm,), null_label, device=dev), FM),
+                 (xt_c, t_c, torch.full((n_c,), null_label, device=dev), C)]
         if hp.mix_ratio != 1.0:
-            parts.append((xt_c, t_c, y[n_fm:]))
+            parts.append((xt_c, t_c, y[n_fm:], C))
         with torch.no_grad():
             tt = torch.cat([p[1] for p in parts])
-            F_teach = net(torch.cat([p[0] for p in parts]), tt, tt, torch.cat([p[2] for p in parts]))
+            F_teach = call(torch.cat([p[0] for p in parts]), tt, tt, torch.cat([p[2] for p in parts]),
+                           [p[3] for p in parts])
         F_unc_fm, F_unc_c = F_teach[:n_fm], F_teach[n_fm:n_fm + n_c]
         F_cond_c = F_teach[n_fm + n_c:] if hp.mix_ratio != 1.0 else None
 
@@ -141,17 +153,18 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
                              cfg_scale=hp.cfg_scale, mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time)
     x_l = consistency_point(xt_c, u, t_c, l_c)
     with torch.no_grad(), _rng_stream(noise.dropout_seed, dev, stochastic):
-        F_l = net(x_l, l_c, s_c, labels(slice(n_fm, B), y_m)) if n_c else None
+        F_l = call(x_l, l_c, s_c, labels(C, y_m), C) if n_c else None
 
     # Call 3: the gradient call. A stochastic network gets its consistency rows in a call of their own, so that F_t
     # sees exactly the random stream F_l saw.
     if stochastic:
         with _rng_stream(noise.dropout_seed + 1, dev, True):  # seeded too: the step never reads the global RNG
-            F_fm = net(xt_fm, noise.t_fm, noise.t_fm, labels(slice(0, n_fm), y_m)) if n_fm else xt_fm[:0]
+            F_fm = call(xt_fm, noise.t_fm, noise.t_fm, labels(FM, y_m), FM) if n_fm else xt_fm[:0]
         with _rng_stream(noise.dropout_seed, dev, True):
-            F_c = net(xt_c, t_c, s_c, labels(slice(n_fm, B), y_m)) if n_c else xt_c[:0]
+            F_c = call(xt_c, t_c, s_c, labels(C, y_m), C) if n_c else xt_c[:0]
     else:
-        F_all = net(torch.cat([xt_fm, xt_c]), torch.cat([noise.t_fm, t_c]), torch.cat([noise.t_fm, s_c]), y_m)
+        F_all = call(torch.cat([xt_fm, xt_c]), torch.cat([noise.t_fm, t_c]), torch.cat([noise.t_fm, s_c]), y_m,
+                     slice(0, B))
         F_fm, F_c = F_all[:n_fm], F_all[n_fm:]
 
     zero = x0.new_zeros(())

@@ -25,10 +25,11 @@ from torch import Tensor
 from . import checkpoint as ckpt_io
 from . import ops
 from .config import ConfigError, TrainConfig
+from .data.augment import AugmentConfig, AugmentPipe
 from .data.loader import TensorLoader
 from .flow import sample
 from .images import save_grid, to_uint8_nhwc
-from .models import DiT, DiTConfig, build_model
+from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, step_with_ema
 from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, unwrap
@@ -46,10 +47,16 @@ class NonFiniteError(RuntimeError):
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None = fp32. auto: bf16 on CUDA devices that support it, fp32 elsewhere."""
-    if precision == "fp32" or (precision == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return None
-    return torch.bfloat16
+    """None = fp32 (TF32 matmuls on Ampere and newer, the reference's setting); torch.bfloat16 only when asked.
+
+    'auto' is fp32: measured on an H100 (digits, 600 steps), bf16 autocast made the consistency mse climb from 0.26
+    to 7.5 while fp32 stayed at 0.27: q = (f_t - f_l) / (t - l) divides the difference of two separately rounded
+    network outputs by a gap that the l schedule shrinks to 0.2% of t - s, so bf16 rounding dominates it."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("config: precision = 'bf16' but this GPU does not support bf16")
+        return torch.bfloat16
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,11 +67,55 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def dataset_for(cfg: TrainConfig, dist: DistInfo) -> tuple[TensorLoader, int, int]:
-    """(loader of this rank's rows, in_channels, num_classes) for the config's dataset."""
-    if cfg.dataset_type != "digits":
-        raise ConfigError(f"config: dataset_type = {cfg.dataset_type!r} is not supported by this version "
-                          "(its loader has not landed yet); use 'digits'")
+def dataset_for(cfg: TrainConfig, dist: DistInfo):
+    """(loader of this rank's rows, in_channels, num_classes) for the config's dataset. Loaders share one interface:
+    next() -> (x0, y) on the device, state_dict() / load_state_dict() with the exact position."""
+    local = cfg.batch_size // dist.world_size
+    if cfg.dataset_type == "Imagenet":
+        from .data.latents import make_latent_loader
+
+        if not cfg.dataset_path:
+            raise ConfigError("config: dataset_path is empty; point it at a folder made by `soflow-fast "
+                              "prepare-latents` or `convert-latents`")
+        loader = make_latent_loader(cfg.dataset_path, local, cfg.seed, dist.rank, dist.world_size, dist.device)
+        channels, size = loader.sample_shape[0], loader.sample_shape[-1]
+        if size != cfg.data_size:
+            raise ConfigError(f"config: data_size = {cfg.data_size} but the latents in {cfg.dataset_path} are "
+                              f"{size}x{size}")
+        classes = loader.num_classes if cfg.num_classes is None else cfg.num_classes
+        if classes != loader.num_classes:
+            raise ConfigError(f"config: num_classes = {classes} but {cfg.dataset_path} has {loader.num_classes}")
+        log.info("data: %s", getattr(loader, "description", loader.backend))
+        return loader, channels, classes
+    if cfg.dataset_type == "ImageFolder":  # pixel-space training at data_size x data_size, one class per folder
+        from .data.imagefolder import make_pixel_loader
+
+        if not cfg.dataset_path:
+            raise ConfigError("config: dataset_path is empty; point it at a folder with one sub-folder per class")
+        loader = make_pixel_loader(cfg.dataset_path, cfg.data_size, local, cfg.seed, dist.rank, dist.world_size,
+                                   dist.device, kind="imagefolder")
+        classes = len(loader.classes) if cfg.num_classes is None else cfg.num_classes
+        if classes not in (0, len(loader.classes)):
+            raise ConfigError(f"config: num_classes = {classes} but {cfg.dataset_path} has {len(loader.classes)} "
+                              "class folders (or 0: unconditional)")
+        return (_Unlabelled(loader) if classes == 0 else loader), 3, classes
+    if cfg.dataset_type == "CIFAR10":
+        from .data.imagefolder import make_pixel_loader
+
+        if not cfg.dataset_path:
+            raise ConfigError("config: dataset_path is empty; point it at a local CIFAR-10 folder "
+                              "(torchvision's cifar-10-batches-py layout; nothing is downloaded)")
+        try:
+            loader = make_pixel_loader(cfg.dataset_path, None, local, cfg.seed, dist.rank, dist.world_size,
+                                       dist.device, kind="cifar10")
+        except FileNotFoundError as e:
+            raise ConfigError(f"config: dataset_path = {cfg.dataset_path!r}: {e}") from None
+        if cfg.data_size != 32:
+            raise ConfigError(f"config: data_size = {cfg.data_size}: CIFAR-10 images are 32x32")
+        classes = 0 if cfg.num_classes is None else cfg.num_classes  # unconditional, as the reference
+        if classes not in (0, 10):
+            raise ConfigError(f"config: num_classes = {classes}: CIFAR-10 has 10 classes (or 0: unconditional)")
+        return (_Unlabelled(loader) if classes == 0 else loader), 3, classes
     from .data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_split
 
     if cfg.data_size != IMAGE_SHAPE[-1]:
@@ -76,6 +127,22 @@ def dataset_for(cfg: TrainConfig, dist: DistInfo) -> tuple[TensorLoader, int, in
     loader = TensorLoader(x, y if num_classes else None, cfg.batch_size, cfg.seed, dist.device, dist.rank,
                           dist.world_size)
     return loader, IMAGE_SHAPE[0], num_classes
+
+
+class _Unlabelled:
+    """A loader whose labels the model does not use (unconditional training on a labelled dataset)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def next(self) -> tuple[Tensor, None]:
+        return self.loader.next()[0], None
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
@@ -128,8 +195,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
                                null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device, **overrides)
-        fsdp = cfg.parallel == "fsdp"
-        self.model = parallelize(self.net, cfg.parallel, param_dtype=self.amp_dtype if fsdp else None,
+        # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
+        self.parallel = cfg.parallel if self.dist.enabled else "none"
+        fsdp = self.parallel == "fsdp"
+        self.model = parallelize(self.net, self.parallel, param_dtype=self.amp_dtype if fsdp else None,
                                  activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile,
                                  device=self.device)
         self.autocast = not fsdp  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
@@ -137,11 +206,12 @@ class Trainer:
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.ema = [p.detach().clone().float() for p in self.params]  # fp32, sharded like the parameters
-        if cfg.optimizer == "fused_adamw_ema" and fsdp:
+        self.optimizer_kind = cfg.resolved_optimizer
+        if self.optimizer_kind == "fused_adamw_ema" and fsdp:
             raise ConfigError("config: optimizer = 'fused_adamw_ema' takes plain tensors, not FSDP shards; "
                               "use 'adamw' with parallel: fsdp")
         try:
-            self.optimizer = build_optimizer(cfg.optimizer, self.params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
+            self.optimizer = build_optimizer(self.optimizer_kind, self.params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
                                              weight_decay=cfg.weight_decay, ema_params=self.ema,
                                              ema_decay=cfg.ema_decay_rate)
         except RuntimeError as e:
@@ -150,8 +220,14 @@ class Trainer:
         self.flow, self.hp = cfg.flow, cfg.hparams
         self.step = 0
         self.skipped = 0
-        self.flops_per_step = 2 * self.net.cfg.forward_macs() * self.hp.forward_equivalents(
-            self.micro, num_classes > 0 and self.hp.cfg_scale > 1) * self.accum * W
+        macs = getattr(self.net.cfg, "forward_macs", None)  # known for the DiT (SOFLOW.md section 8)
+        self.flops_per_step = 2 * macs() * self.hp.forward_equivalents(
+            self.micro, num_classes > 0 and self.hp.cfg_scale > 1) * self.accum * W if macs else None
+        p = cfg.resolved_augment_p
+        if p > 0 and getattr(self.net.cfg, "augment_dim", 0) == 0:
+            raise ConfigError(f"config: augment_p = {p} needs a network with augment-label input (model_type UNet)")
+        self.augment = AugmentPipe(AugmentConfig(p=p)) if p > 0 else None
+        self.ema_every = cfg.resolved_ema_every
         self.peak = peak_flops(cfg, self.device, self.amp_dtype)
         self._resume()
 
@@ -163,9 +239,8 @@ class Trainer:
         return {"model": model_sd, "optim": optim_sd, "ema": dict(zip(self.param_names, self.ema))}
 
     def _meta(self) -> dict:
-        model_cfg = {k: v for k, v in self.net.cfg.__dict__.items() if k != "kernels"}
         return {"step": self.step, "skipped": self.skipped, "data": self.loader.state_dict(),
-                "config": self.cfg.to_dict(), "model_config": model_cfg, "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict(), "model_config": describe(self.net), "world_size": self.dist.world_size,
                 "flow": {"noising": self.flow.noising, "coefficient": self.flow.coefficient}}
 
     def save(self) -> Path:
@@ -181,11 +256,13 @@ class Trainer:
         if path is None:
             return
         meta = ckpt_io.read_meta(path)
-        ours = self._meta()["model_config"]
-        diff = [k for k in ours if meta["model_config"].get(k) != ours[k]]
-        if diff:
-            raise ValueError(f"checkpoint {path}: its model has {diff[0]} = {meta['model_config'].get(diff[0])!r}, "
-                             f"the config asks for {ours[diff[0]]!r}")
+        ours, theirs = describe(self.net), meta["model_config"]
+        diff = [k for k in ours["config"] if theirs.get("config", {}).get(k) != ours["config"][k]]
+        if theirs.get("kind") != ours["kind"] or diff:
+            key = diff[0] if diff else "kind"
+            raise ValueError(f"checkpoint {path}: its model has {key} = "
+                             f"{theirs.get('config', {}).get(key, theirs.get('kind'))!r}, the config asks for "
+                             f"{ours['config'].get(key, ours['kind'])!r}")
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._dcp_state()
@@ -222,9 +299,12 @@ class Trainer:
             gen = torch.Generator(self.device).manual_seed(
                 step_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
             noise = draw_noise(self.hp, xm, guided, gen)
+            aug = None
+            if self.augment is not None:
+                xm, aug = self.augment(xm, gen)
             with self._sync_grads(a == self.accum - 1), self._amp():
                 out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
-                                  loss_impl=self.net.cfg.kernels)
+                                  loss_impl=self.net.cfg.kernels, augment_labels=aug)
             (out.loss / self.accum).backward()
             for k, v in {"loss": out.loss.detach(), **out.stats}.items():
                 stats[k] = stats.get(k, 0.0) + v.float() / self.accum
@@ -242,7 +322,15 @@ class Trainer:
             self.step += 1
             return None
         with torch.no_grad():
-            step_with_ema(self.optimizer, self.ema, [p.detach() for p in self.params], ema_decay(self.cfg, self.step))
+            if self.ema_every == 1:
+                step_with_ema(self.optimizer, self.ema, [p.detach() for p in self.params],
+                              ema_decay(self.cfg, self.step))
+            else:
+                self.optimizer.step()
+                if self.step % self.ema_every == 0:  # the reference's CIFAR EMA: decay^N, computed in float64
+                    d = ema_decay(self.cfg, self.step) ** self.ema_every
+                    for e, p in zip(self.ema, self.params):
+                        e.copy_((d * e.double() + (1 - d) * p.detach().double()).float())
         self.step += 1
         keys = sorted(stats)
         values = all_reduce_mean(torch.stack([stats[k] for k in keys]))
@@ -258,8 +346,8 @@ class Trainer:
             log.info("optimizer backends available: %s", optimizer_backends())
             log.info("device %s x %d ranks (%s), precision %s, kernels %s, attention %s, optimizer %s, "
                      "params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
-                     self.device, self.dist.world_size, cfg.parallel, self.amp_dtype or "fp32", self.net.cfg.kernels,
-                     self._attention_backend(), cfg.optimizer, sum(p.numel() for p in self.params) / 1e6,
+                     self.device, self.dist.world_size, self.parallel, self.amp_dtype or "fp32", self.net.cfg.kernels,
+                     self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)
         acc: dict[str, float] = {}
@@ -277,6 +365,8 @@ class Trainer:
                 acc, n_acc, t0 = {}, 0, time.perf_counter()
             if cfg.eval_demo_steps and self.step % cfg.eval_demo_steps == 0:
                 self.sample_grid()
+            if cfg.eval_steps and cfg.eval_fid_reference and self.step % cfg.eval_steps == 0:
+                self.evaluate_fid()
             if self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
                 self.save()
         bar(None, None)
@@ -291,10 +381,11 @@ class Trainer:
             return
         steps = max(n, 1)
         per_s = n / max(elapsed, 1e-9)
-        tflops = self.flops_per_step * per_s / 1e12
+        tflops = self.flops_per_step * per_s / 1e12 if self.flops_per_step else None
         rec = {"step": self.step, **{k: v / steps for k, v in acc.items()}, "images_per_s": per_s * self.cfg.batch_size,
                "images_per_s_per_device": per_s * self.cfg.batch_size / self.dist.world_size,
-               "model_tflops": tflops, "mfu": tflops * 1e12 / self.dist.world_size / self.peak if self.peak else None,
+               "model_tflops": tflops, "mfu": tflops * 1e12 / self.dist.world_size / self.peak
+               if self.peak and tflops else None,
                "skipped": self.skipped, "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_gb": peak_mem}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -302,14 +393,16 @@ class Trainer:
         log.info("step %d  loss %.4f  fm %.4f (mse %.4f w %.3f)  cons %.4f (mse %.4f w %.3f)  |g| %.3f  %.1f img/s"
                  "  %.3f TFLOP/s%s  mem %.2f GB", self.step, rec.get("loss", nan), rec.get("loss_fm", nan),
                  rec.get("mse_fm", nan), rec.get("weight_fm", nan), rec.get("loss_c", nan), rec.get("mse_c", nan),
-                 rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops,
+                 rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops or nan,
                  f" (MFU {rec['mfu']:.1%})" if rec["mfu"] else "", peak_mem)
 
-    def ema_module(self) -> DiT:
-        """A plain DiT holding the whole EMA weights (collective under FSDP: every rank must call it)."""
+    def ema_module(self) -> torch.nn.Module:
+        """A plain network holding the whole EMA weights (collective under FSDP: every rank must call it)."""
         full = {n: full_tensor(t) for n, t in zip(self.param_names, self.ema)}
-        model = DiT(self.net.cfg).to(self.device)
-        load_state_strict(model, full, "EMA weights")
+        model = model_from_config(describe(self.net), self.net.cfg.kernels, self.device)
+        state = model.state_dict()
+        state.update(full)  # parameters from the EMA; buffers (the U-Net's fixed filters) as built
+        load_state_strict(model, state, "EMA weights")
         return model.eval()
 
     @torch.no_grad()
@@ -330,6 +423,41 @@ class Trainer:
         save_grid(to_uint8_nhwc(x), rows, cols, path, upscale=4 if self.cfg.data_size <= 16 else 1)
         return path
 
+    @torch.no_grad()
+    def evaluate_fid(self) -> Optional[dict]:
+        """FID (and IS) of eval_num_samples EMA samples against eval_fid_reference, appended to metrics.jsonl
+        (collective: the EMA is gathered on every rank; rank 0 samples and scores)."""
+        from .evaluation.fid import evaluate_model_fid, load_reference_stats
+        from .evaluation.inception import load_inception
+        from .sampling import LATENT_SCALE, load_decoder
+
+        ema = self.ema_module()
+        if not self.dist.is_main:
+            return None
+        cfg = self.cfg
+        if not hasattr(self, "_fid_tools"):  # loaded once, at the first evaluation
+            self._fid_tools = (load_reference_stats(cfg.eval_fid_reference),
+                               load_inception(cfg.eval_inception, self.device), load_decoder(cfg.eval_vae, self.device))
+        ref, inception, vae = self._fid_tools
+        g = torch.Generator(self.device).manual_seed(cfg.seed + 1)  # the same noise at every evaluation
+        classes = getattr(ema.cfg, "num_classes", 0)
+
+        def sample_fn(k: int):
+            x1 = torch.randn((k, ema.cfg.in_channels, cfg.data_size, cfg.data_size), generator=g, device=self.device)
+            y = torch.randint(0, classes, (k,), generator=g, device=self.device) if classes else None
+            with self._amp():
+                x = sample(ema, self.flow, x1, nfe=cfg.eval_NFE, y=y, generator=g)
+            if vae is not None:
+                x = vae.decode(x.float() / LATENT_SCALE).sample
+            return to_uint8_nhwc(x)
+
+        res = evaluate_model_fid(sample_fn, cfg.eval_num_samples, ref, inception, cfg.eval_batch_size)
+        rec = {"step": self.step, **res, "eval_NFE": cfg.eval_NFE}
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        log.info("step %d  FID %.3f at %d NFE (%d samples)", self.step, res["fid"], cfg.eval_NFE, res["fid_num_samples"])
+        return rec
+
     def _write_config(self) -> None:
         import yaml
 
@@ -339,8 +467,8 @@ class Trainer:
         os.replace(tmp, path)
 
     def _attention_backend(self) -> str:
-        probe = torch.empty(1, 1, 1, self.net.cfg.hidden_size // self.net.cfg.num_heads, device=self.device,
-                            dtype=self.amp_dtype or torch.float32)
+        head_dim = getattr(self.net.cfg, "hidden_size", 64) // getattr(self.net.cfg, "num_heads", 1)
+        probe = torch.empty(1, 1, 1, head_dim, device=self.device, dtype=self.amp_dtype or torch.float32)
         return ops.attention_backend(probe)
 
 
@@ -377,9 +505,8 @@ def _progress(start: int, end: int, enabled: bool) -> Callable:
 
 
 def model_from_checkpoint(ck: dict, weights: str = "ema", kernels: str = "eager",
-                          device: torch.device | str = "cpu") -> DiT:
+                          device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild the network a consolidated checkpoint describes and load its EMA (default) or raw weights."""
-    impl = ops.resolve_kernels(kernels, device)
-    model = DiT(DiTConfig(**ck["model_config"], kernels=impl))
+    model = model_from_config(ck["model_config"], kernels, device)
     load_state_strict(model, ck[weights], f"checkpoint [{weights}]")
-    return model.to(device).eval()
+    return model.eval()

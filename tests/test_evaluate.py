@@ -330,3 +330,26 @@ def test_full_width_matches_torch_fidelity(monkeypatch) -> None:
     # The same float32 ops in the same order: bit-identical on CPU here; 1e-5 leaves room for other conv algorithms.
     np.testing.assert_allclose(mine.pool.numpy(), pool.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mine.logits.numpy(), logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_periodic_fid_during_training(setup, tmp_path, monkeypatch) -> None:
+    """The trainer's eval_steps hook: a finite FID record in metrics.jsonl at every evaluation step."""
+    import json
+
+    from soflow_fast.config import TrainConfig
+    from soflow_fast.train import Trainer
+
+    ref = tmp_path / "ref.npz"
+    pool = setup["fa"][0].astype(np.float64)
+    np.savez(ref, mu=pool.mean(0), sigma=np.cov(pool, rowvar=False))
+    cfg = TrainConfig.from_dict(dict(
+        model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
+        batch_size=16, total_steps=2, logging_steps=1, ckpt_saving_steps=2, eval_demo_steps=0, quality_report=False,
+        device="cpu", kernels="eager", cfg_scale=2.0, cfg_drop_rate=0.1, eval_steps=1, eval_num_samples=20,
+        eval_batch_size=10, eval_fid_reference=str(ref), eval_inception=str(setup["weights"])))
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.fit(progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in recs if "fid" in r]
+    assert [r["step"] for r in fids] == [1, 2] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+    assert fids[-1]["fid_num_samples"] == 20

@@ -95,7 +95,7 @@ def test_cli_import_then_sample(tmp_path):
     ck = load_consolidated(ours)
     assert ck["step"] == 1234 and torch.equal(ck["ema"]["blocks.1.mlp.fc1.weight"],
                                               ema["network.blocks.1.mlp.fc1.weight"])
-    r = run("sample", str(ours), "--out", str(tmp_path / "s"), "--num", "12", "--nfe", "2", "--labels", "3,4",
+    r = run("sample", str(ours), "--out", str(tmp_path / "s"), "--num-samples", "12", "--nfe", "2", "--labels", "3,4",
             "--device", "cpu")
     assert r.returncode == 0, r.stderr
     npz = np.load(tmp_path / "s" / "samples_2nfe.npz")

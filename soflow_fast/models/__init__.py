@@ -1,10 +1,15 @@
-"""Networks F(x, t, s, y). build_model is the one way to make one from a size name."""
+"""Networks F(x, t, s, y). build_model is the one way to make one from a size name; model_from_config rebuilds one
+from the architecture stored in a checkpoint."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from torch import nn
 
 from .. import ops
 from .dit import DIT_SIZES, DiT, DiTConfig, canonical_size
+from .unet import UNET_SIZES, SongUNet, UNetConfig, build_unet
 
 
 def build_model(size: str, *, input_size: int, in_channels: int, num_classes: int, null_class: bool = True,
@@ -13,6 +18,11 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
 
     kernels: 'auto' | 'triton' | 'eager' ('auto' = Triton on CUDA).
     """
+    if size in UNET_SIZES:
+        if num_classes:
+            raise ValueError(f"model_type {size}: the U-Net is unconditional; num_classes must be 0, got {num_classes}")
+        return build_unet(size, kernels=kernels, device=device, img_resolution=input_size, in_channels=in_channels,
+                          out_channels=in_channels, **overrides)
     impl = ops.resolve_kernels(kernels, device)
     fields = dict(zip(("patch_size", "hidden_size", "depth", "num_heads"), DIT_SIZES[canonical_size(size)]))
     fields.update(overrides)
@@ -21,4 +31,33 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
     return DiT(cfg).to(device)
 
 
-__all__ = ["DIT_SIZES", "DiT", "DiTConfig", "build_model", "canonical_size"]
+KINDS = {"dit": (DiT, DiTConfig), "unet": (SongUNet, UNetConfig)}
+
+
+def describe(model: nn.Module) -> dict:
+    """{'kind', 'config'}: what model_from_config needs to rebuild the network (kernels left out)."""
+    kind = next(k for k, (cls, _) in KINDS.items() if isinstance(model, cls))
+    return {"kind": kind, "config": {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "kernels"}}
+
+
+def model_from_config(description: dict, kernels: str = "eager", device: torch.device | str = "cpu") -> nn.Module:
+    """The inverse of describe()."""
+    kind, config = description.get("kind"), description.get("config", {})
+    if kind not in KINDS:
+        raise ValueError(f"model description: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+    cls, cfg_cls = KINDS[kind]
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    config = {k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v for k, v in config.items()}
+    return cls(cfg_cls(**config, kernels=ops.resolve_kernels(kernels, device))).to(device)
+
+
+def is_model_type(name: str) -> bool:
+    try:
+        canonical_size(name)
+        return True
+    except ValueError:
+        return name in UNET_SIZES
+
+
+__all__ = ["DIT_SIZES", "UNET_SIZES", "DiT", "DiTConfig", "SongUNet", "UNetConfig", "build_model", "build_unet",
+           "canonical_size", "describe", "model_from_config", "is_model_type"]
