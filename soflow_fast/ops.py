@@ -72,8 +72,9 @@ def gated_residual_layernorm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift:
 # -- attention ------------------------------------------------------------------------------------
 def attention_eager(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v, written out; q, k, v [B, H, T, Dh]. The reference for the parity test."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    up = torch.promote_types(q.dtype, torch.float32)  # at least fp32; fp64 stays fp64
+    scores = (q.to(up) @ k.to(up).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (scores.softmax(dim=-1) @ v.to(up)).to(q.dtype)
 
 
 @functools.cache
