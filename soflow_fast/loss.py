@@ -69,7 +69,8 @@ def consistency_velocity(flow: Flow, x_t: Tensor, v_t: Tensor, t: Tensor, *, F_u
         if F_unc is None:
             return v_t
         x_t = at_least_fp32(x_t)
-        g = guided_velocity(v_t, flow.velocity_from_output(at_least_fp32(F_unc), x_t, t), t, cfg_scale, cfg_decay_time)
+        v_unc = flow.velocity_from_output(at_least_fp32(F_unc), x_t, t)
+        g = guided_velocity(v_t, v_unc, t, cfg_scale, cfg_decay_time)
         if mix_ratio != 1.0:
             if F_cond is None:
                 raise ValueError("consistency_velocity: F_cond is required when mix_ratio != 1")

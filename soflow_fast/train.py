@@ -211,9 +211,9 @@ class Trainer:
             raise ConfigError("config: optimizer = 'fused_adamw_ema' takes plain tensors, not FSDP shards; "
                               "use 'adamw' with parallel: fsdp")
         try:
-            self.optimizer = build_optimizer(self.optimizer_kind, self.params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
-                                             weight_decay=cfg.weight_decay, ema_params=self.ema,
-                                             ema_decay=cfg.ema_decay_rate)
+            self.optimizer = build_optimizer(self.optimizer_kind, self.params, lr=cfg.learning_rate,
+                                             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                             ema_params=self.ema, ema_decay=cfg.ema_decay_rate)
         except RuntimeError as e:
             raise ConfigError(f"config: optimizer = {cfg.optimizer!r}: {e}") from None
         self.trainable = [p for p in self.params if p.requires_grad]
