@@ -1,4 +1,5 @@
-"""soflow-fast: train | sample | import-checkpoint | evaluate | plot (also `python -m soflow_fast`)."""
+"""soflow-fast: train | sample | export | import-checkpoint | prepare-latents | convert-latents | evaluate | plot
+(also `python -m soflow_fast`)."""
 from __future__ import annotations
 
 import argparse
