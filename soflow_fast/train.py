@@ -372,11 +372,13 @@ class Trainer:
         bar(None, None)
 
     def _log_metrics(self, acc: dict[str, float], n: int, elapsed: float) -> None:
-        peak_mem = _peak_memory_gb(self.device)
+        # every rank's peak, gathered by a sum over one-hot slots (works on gloo and NCCL alike)
+        mem = torch.zeros(self.dist.world_size, device=self.device if self.device.type == "cuda" else "cpu")
+        mem[self.dist.rank] = _peak_memory_gb(self.device)
         if self.dist.enabled:
-            t = torch.tensor([peak_mem], device=self.device if self.device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            peak_mem = t.item()
+            torch.distributed.all_reduce(mem)
+        per_rank = [round(m, 3) for m in mem.tolist()]
+        peak_mem = max(per_rank)
         if not self.dist.is_main:
             return
         steps = max(n, 1)
@@ -386,7 +388,8 @@ class Trainer:
                "images_per_s_per_device": per_s * self.cfg.batch_size / self.dist.world_size,
                "model_tflops": tflops, "mfu": tflops * 1e12 / self.dist.world_size / self.peak
                if self.peak and tflops else None,
-               "skipped": self.skipped, "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_gb": peak_mem}
+               "skipped": self.skipped, "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_gb": peak_mem,
+               "peak_mem_gb_per_rank": per_rank}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         nan = float("nan")

@@ -75,6 +75,8 @@ def test_two_ranks_match_one_process(tmp_path, single, parallel):
     train(tmp_path, parallel, ranks=2, parallel=parallel)
     (tmp_path / "one").symlink_to(single / "one")
     assert_same(tmp_path, "one", parallel)
+    recs = [json.loads(l) for l in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["peak_mem_gb_per_rank"]) == 2 and min(r["peak_mem_gb_per_rank"]) > 0 for r in recs)
     la, lb = losses(tmp_path, "one"), losses(tmp_path, parallel)
     assert la.keys() == lb.keys() == {1, 2, 3, 4}
     for k in la:
