@@ -24,7 +24,8 @@ import reference_math  # noqa: E402  (the six-call transcription the parity test
 from soflow_fast.config import load_config, parse_override  # noqa: E402
 from soflow_fast.models import build_model  # noqa: E402
 from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
-from soflow_fast.train import autocast_dtype, resolve_device  # noqa: E402
+from soflow_fast.parallel import resolve_device  # noqa: E402
+from soflow_fast.train import autocast_dtype  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from .fileio import atomic_open
 from .models.reference import read_checkpoint
 
 FORMAT = "soflow_fast/1"
@@ -25,15 +26,9 @@ CONSOLIDATED_KEYS = ("format", "model", "ema", "step", "model_config", "flow")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to path + '.tmp', fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    """torch.save through fileio.atomic_open (temporary name, then rename)."""
+    with atomic_open(path) as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

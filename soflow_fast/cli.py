@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -96,14 +95,13 @@ def _export(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.fid import NpzImages, evaluate_npz, reference_stats
     from .evaluation.inception import load_inception
+    from .parallel import resolve_device
 
     if args.samples is None and args.save_ref_stats is None:
         raise ValueError("give a samples .npz to score, or --save-ref-stats to only compute the reference statistics")
     if args.samples is not None:
         NpzImages(args.samples)  # validates arr_0 from its header: a bad file fails before the reference pass
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     extractor = load_inception(args.inception, device)
     progress = not args.no_progress
     ref = reference_stats(args.ref, extractor, args.batch_size, progress)
@@ -132,7 +130,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _prepare_latents(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_latents
-    from .train import resolve_device
+    from .parallel import resolve_device
 
     m = prepare_latents(args.images, args.out, args.vae, image_size=args.image_size, shard_size=args.shard_size,
                         dtype=args.dtype, batch_size=args.batch_size, on_error=args.on_error,

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,6 +108,12 @@ def logit_normal(n: int, mean: float, std: float, *, generator: Optional[torch.G
                  device: torch.device | str = "cpu") -> Tensor:
     """sigmoid(N(mean, std)) of shape [n], fp32."""
     return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float32) * std + mean)
+
+
+def derived_seed(*keys: int) -> int:
+    """A generator seed from integer keys (run seed, step, batch index, ...): independent, reproducible streams that
+    need no state in a checkpoint."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def l_ratio(schedule: str, step: int, total_steps: int, r_init: float, r_end: float) -> float:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .fileio import atomic_open
 
 
 def to_uint8_nhwc(x: Tensor) -> np.ndarray:
@@ -26,18 +27,12 @@ def save_grid(images: np.ndarray, rows: int, cols: int, path: str | os.PathLike,
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:
+        img.save(fh, format="PNG")
 
 
 def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | None = None) -> None:
     """The ADM evaluator's layout: arr_0 = uint8 NHWC (arr_1 = labels when given); written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:
+        np.savez(fh, **arrays)

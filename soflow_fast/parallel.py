@@ -34,11 +34,18 @@ class DistInfo:
         return dist.is_available() and dist.is_initialized()
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE is set (any size, so a 1-rank torchrun is valid too)."""
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config: device = 'cuda' but no CUDA device is available")
+    want_cuda = resolve_device(device).type == "cuda"
     if "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 1, 0, torch.device("cuda" if want_cuda else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -14,17 +14,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .flow import Flow, sample
+from .data.latents import LATENT_SCALE
+from .flow import Flow, derived_seed, sample
 from .images import save_grid, save_npz, to_uint8_nhwc
 from .parallel import DistInfo, barrier
 
 log = logging.getLogger("soflow_fast")
-LATENT_SCALE = 0.18215
-
-
-def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
-    state = np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> 1
-    return torch.Generator(device).manual_seed(int(state))
 
 
 @torch.no_grad()
@@ -45,7 +40,7 @@ def generate(model: torch.nn.Module, flow: Flow, out: Path, *, num: int, nfe: in
         if path.exists():
             continue
         n = min(batch_size, num - c * batch_size)
-        g = _chunk_generator(seed, c, device)
+        g = torch.Generator(device).manual_seed(derived_seed(seed, c))
         x1 = torch.randn((n, channels, size, size), generator=g, device=device)
         if num_classes:
             if labels:

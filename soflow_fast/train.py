@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +26,8 @@ from . import ops
 from .config import ConfigError, TrainConfig
 from .data.augment import AugmentConfig, AugmentPipe
 from .data.loader import TensorLoader
-from .flow import sample
+from .fileio import atomic_open
+from .flow import derived_seed, sample
 from .images import save_grid, to_uint8_nhwc
 from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
@@ -57,14 +57,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
             raise ConfigError("config: precision = 'bf16' but this GPU does not support bf16")
         return torch.bfloat16
     return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config: device = 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def dataset_for(cfg: TrainConfig, dist: DistInfo):
@@ -148,11 +140,6 @@ class _Unlabelled:
 def ema_decay(cfg: TrainConfig, step: int) -> float:
     """The EMA decay at finished step k; with ema_warmup, (1 + k) / (10 + k) caps it early in a run."""
     return min(cfg.ema_decay_rate, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay_rate
-
-
-def step_seed(seed: int, step: int, micro: int) -> int:
-    """A generator seed for (run seed, step, global micro-batch index): independent streams, no state to save."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, amp: Optional[torch.dtype]) -> Optional[float]:
@@ -296,8 +283,8 @@ class Trainer:
         for a in range(self.accum):
             rows = slice(a * self.micro, (a + 1) * self.micro)
             xm, ym = x0[rows], None if y is None else y[rows]
-            gen = torch.Generator(self.device).manual_seed(
-                step_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
+            gen = torch.Generator(self.device).manual_seed(  # keyed by the GLOBAL micro-batch index
+                derived_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
             noise = draw_noise(self.hp, xm, guided, gen)
             aug = None
             if self.augment is not None:
@@ -432,7 +419,8 @@ class Trainer:
         (collective: the EMA is gathered on every rank; rank 0 samples and scores)."""
         from .evaluation.fid import evaluate_model_fid, load_reference_stats
         from .evaluation.inception import load_inception
-        from .sampling import LATENT_SCALE, load_decoder
+        from .data.latents import LATENT_SCALE
+        from .sampling import load_decoder
 
         ema = self.ema_module()
         if not self.dist.is_main:
@@ -464,10 +452,8 @@ class Trainer:
     def _write_config(self) -> None:
         import yaml
 
-        path = self.run_dir / "config.yaml"
-        tmp = path.with_name("config.yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        with atomic_open(self.run_dir / "config.yaml", "w") as fh:
+            yaml.safe_dump(self.cfg.to_dict(), fh, sort_keys=False)
 
     def _attention_backend(self) -> str:
         head_dim = getattr(self.net.cfg, "hidden_size", 64) // getattr(self.net.cfg, "num_heads", 1)

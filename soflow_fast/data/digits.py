@@ -18,11 +18,6 @@ def to_unit(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / 8.0 - 1.0
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] -> uint8 0..255 (clamped), the same mapping as SOFLOW.md section 7."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
 def load_digits_split(held_out: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(train_x, train_y, test_x, test_y): a stratified split, the same for the same seed."""
     from sklearn.datasets import load_digits

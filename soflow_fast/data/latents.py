@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..flow import derived_seed
+
 log = logging.getLogger("soflow_fast")
 
 FORMAT = "soflow_fast.latents/1"
@@ -149,7 +151,7 @@ def epoch_indices(count: int, seed: int, epoch: int, rank: int, world_size: int,
 
 
 def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(seed, rank, epoch, index)
 
 
 def latents_to_sample(meanstd: Tensor, generator: torch.Generator, flip: bool) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..fileio import atomic_open
 from .latents import FORMAT, MANIFEST, LatentDataError, check_npy, sha256_file, shard_names
 
 log = logging.getLogger("soflow_fast")
@@ -50,12 +51,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:
+        fh.write(data)
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from ..data.digits import NUM_CLASSES, load_digits_split
+from ..fileio import atomic_open
 from ..flow import Flow, euler_sample, sample
 from .digits_judge import DigitsJudge, format_report, quality_report
 
@@ -47,8 +47,7 @@ def run_quality_report(trainer, per_class: int = PER_CLASS) -> dict:
     report.update(weights="ema", ema_decay_rate=trainer.cfg.ema_decay_rate, ema_warmup=trainer.cfg.ema_warmup,
                   step=trainer.step, samples_per_method=per_class * NUM_CLASSES)
     path = Path(trainer.run_dir) / "quality.json"
-    tmp = path.with_name("quality.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as fh:
+        json.dump(report, fh, indent=2)
     print("quality of the EMA weights at step %d (%s):\n%s" % (trainer.step, path, format_report(report)))
     return report

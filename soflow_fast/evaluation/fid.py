@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..fileio import atomic_open
 from .frechet import frechet_distance, gaussian_stats
 from .inception import InceptionFeatures, InceptionV3FID
 
@@ -46,11 +47,8 @@ class ReferenceStats:
         arrays = {"mu": self.mu, "sigma": self.sigma}
         if self.mu_s is not None:
             arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_open(path) as fh:
+            np.savez(fh, **arrays)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..fileio import atomic_open
+
 log = logging.getLogger("soflow_fast")
 
 # (title, keys, log-scale y): losses and norms span decades over a run, so they read better on a log axis.
@@ -143,8 +145,6 @@ def plot_metrics(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = 
         r, c = divmod(i, cols)
         _draw_panel(draw, font, c * PANEL_W, r * PANEL_H, title, data, log_y)
     out = Path(out) if out else run_dir / "metrics.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, out)
+    with atomic_open(out) as fh:
+        img.save(fh, format="PNG")
     return out
