@@ -1,18 +1,26 @@
 """Benchmark of the fused Triton kernels against eager PyTorch and torch.compile of eager.
 
 For each kernel (LN + modulate, gated residual, the two fused, FM loss, consistency loss) at the DiT-B/2, L/2 and
-XL/2 widths (256 tokens, batch 32 and 256) in bf16 and fp32: median time (triton.testing.do_bench, L2 flushed per
-repetition) of the forward and of forward + backward, the minimum bytes each must move (every input read once,
-every output written once), achieved GB/s, that as a fraction of a device-to-device copy measured in the same run,
-and the max abs error vs eager. Prints a Markdown table; --json PATH writes the rows.
+XL/2 widths (256 tokens, batch 32 and 256) in bf16 and fp32, forward and forward + backward, for eager, torch.compile
+of eager, the Triton op, and torch.compile of the Triton op (the custom ops traced into the graph), three times:
+  ms        median of triton.testing.do_bench (L2 flushed per repetition) of the Python call: what a caller pays,
+            host work included (a call whose host path outlasts its kernels is timed at its host path);
+  host ms   the host time to issue one call (20 back-to-back calls, no synchronisation inside);
+  graph ms  the same call captured once in a CUDA graph and replayed (do_bench, L2 flushed): device time alone.
+With the minimum bytes each op must move (every input read once, every output written once), GB/s and the fraction
+of a device-to-device copy measured in the same run (from ms, and from graph ms), and the max abs error vs eager.
+Prints a Markdown table; --json PATH writes the rows.
 
-Without CUDA it runs the parity part only, at small shapes under the Triton interpreter: timings need a GPU.
+Without CUDA it prints (1) the parity part, at small shapes under the Triton interpreter, and (2) the host path of
+each op at tiny shapes with the Triton launches replaced by no-ops: the Python, dispatcher and autograd cost that a
+Triton op adds around its kernels, beside eager's. Kernel timings need a GPU.
 
     python benchmarks/kernels.py [--json out.json] [--batches 32 256] [--budget-s 420]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,8 +44,8 @@ GUIDE = dict(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8)
 
 
 # -- the cases: (name, make inputs, eager fn, fwd bytes, fwd+bwd bytes) ----------------------------
-def adaln_case(name, B, D, dtype, dev):
-    T, es = TOKENS, torch.tensor([], dtype=dtype).element_size()
+def adaln_case(name, B, D, dtype, dev, T=TOKENS):
+    es = torch.tensor([], dtype=dtype).element_size()
     act = lambda: torch.randn(B, T, D, device=dev, dtype=dtype)  # noqa: E731
     vec = lambda: torch.randn(B, D, device=dev, dtype=dtype) * 0.5  # noqa: E731
     nd = B * T * D * es
@@ -49,10 +57,10 @@ def adaln_case(name, B, D, dtype, dev):
             adaln.gated_residual_layernorm_modulate, 4 * nd, 10 * nd)
 
 
-def loss_case(name, B, dtype, dev):
+def loss_case(name, B, dtype, dev, latent=LATENT):
     es = torch.tensor([], dtype=dtype).element_size()
-    n = B * LATENT[0] * LATENT[1] * LATENT[2]
-    r = lambda dt=torch.float32: torch.randn(B, *LATENT, device=dev, dtype=dt)  # noqa: E731
+    n = B * latent[0] * latent[1] * latent[2]
+    r = lambda dt=torch.float32: torch.randn(B, *latent, device=dev, dtype=dt)  # noqa: E731
     t = torch.rand(B, device=dev) * 0.9 + 0.05
     if name == "fm_loss":  # read F, F_unc (dtype), v_t (fp32); write the fp32 gradient; bwd: read it, write dF
         mask = torch.rand(B, device=dev) < 0.1
@@ -94,6 +102,42 @@ def max_err(a, b):
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(as_tuple(a), as_tuple(b)))
 
 
+def host_ms(call, n: int = 20) -> float:
+    """Host time to issue one call, ms: n back-to-back calls, no synchronisation inside the loop (on a GPU the
+    launch queue absorbs them, so this is the Python + dispatcher + launch cost, not the device time)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    call()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    dt = time.perf_counter() - t0
+    sync()
+    return dt / n * 1e3
+
+
+def graph_ms(call, bench):
+    """Device time of call, ms: captured once in a CUDA graph and replayed, so no host work is timed.
+
+    Warm-up runs on a side stream first (as CUDA-graph capture of autograd requires). None when capture fails
+    (the reason is printed; the row shows n/a).
+    """
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+    except Exception as e:  # noqa: BLE001 - one failed capture must not end the run
+        print(f"    CUDA graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    return bench(graph.replay)
+
+
 def copy_bandwidth(dev) -> float:
     """GB/s of a large device-to-device copy (bytes read + bytes written)."""
     import triton.testing
@@ -123,23 +167,26 @@ def bench_gpu(args) -> list[dict]:
             inputs, eager, fast, b_fwd, b_all = loss_case(kernel, B, dtype, dev)
         else:
             inputs, eager, fast, b_fwd, b_all = adaln_case(kernel, B, WIDTHS[model], dtype, dev)
-        compiled = torch.compile(eager, dynamic=False)
+        compiled, compiled_fast = torch.compile(eager, dynamic=False), torch.compile(fast, dynamic=False)
         n_grad = GRAD_ARGS.get(kernel, len(inputs))
         ref_out, ref_grad = eager(*inputs), fwd_bwd(eager, inputs, n_grad)()
         for mode, nbytes in (("fwd", b_fwd), ("fwd+bwd", b_all)):
-            for impl, fn in (("eager", eager), ("compile", compiled), ("triton", fast)):
+            for impl, fn in (("eager", eager), ("compile", compiled), ("triton", fast),
+                             ("compile+triton", compiled_fast)):
                 call = (lambda fn=fn: fn(*inputs)) if mode == "fwd" else fwd_bwd(fn, inputs, n_grad)
                 with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                     out = call()
                     err = max_err(out, ref_out if mode == "fwd" else ref_grad)
-                    ms = bench(call)
-                gbs = nbytes / ms / 1e6
+                    ms, host, graph = bench(call), host_ms(call), graph_ms(call, bench)
+                frac = lambda t: None if t is None else nbytes / t / 1e6 / copy_gbs  # noqa: E731
                 row = dict(kernel=kernel, model=model, batch=B, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                           impl=impl, ms=ms, min_bytes=nbytes, gb_s=gbs, copy_fraction=gbs / copy_gbs,
+                           impl=impl, ms=ms, host_ms=host, graph_ms=graph, min_bytes=nbytes,
+                           gb_s=nbytes / ms / 1e6, copy_fraction=frac(ms), graph_copy_fraction=frac(graph),
                            max_abs_err=err, device=torch.cuda.get_device_name(), copy_gb_s=copy_gbs)
                 rows.append(row)
-                print(f"  {kernel} {model} B={B} {row['dtype']} {mode} {impl}: {ms:.4f} ms {gbs:.0f} GB/s "
-                      f"({gbs / copy_gbs:.0%}) err {err:.2e}", flush=True)
+                print(f"  {kernel} {model} B={B} {row['dtype']} {mode} {impl}: {ms:.4f} ms (host {host:.4f}, "
+                      f"graph {graph if graph is None else round(graph, 4)}) {frac(ms):.0%} of copy, err {err:.2e}",
+                      flush=True)
     return rows
 
 
@@ -148,8 +195,7 @@ def parity_cpu() -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for kernel in ADALN:
-            inputs, eager, fast, _, _ = adaln_case(kernel, 2, 72, dtype, "cpu")
-            inputs = tuple(a[:, :9] if a.dim() == 3 else a for a in inputs)  # T = 9 tokens: odd on purpose
+            inputs, eager, fast, _, _ = adaln_case(kernel, 2, 72, dtype, "cpu", T=9)  # T = 9: odd on purpose
             err_f = max_err(fast(*inputs), eager(*inputs))
             err_b = max_err(fwd_bwd(fast, inputs, len(inputs))(), fwd_bwd(eager, inputs, len(inputs))())
             rows.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), fwd_err=err_f, grad_err=err_b))
@@ -161,8 +207,56 @@ def parity_cpu() -> list[dict]:
     return rows
 
 
+KERNEL_OBJECTS = ((adaln, "_adaln_fwd_kernel"), (adaln, "_adaln_bwd_kernel"), (soflow_loss, "_fm_kernel"),
+                  (soflow_loss, "_consistency_kernel"))
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel object: kernel[grid](...) launches nothing; `record` keeps each launch's
+    (kernel name, grid, args, kwargs)."""
+
+    def __init__(self, name: str, record: list):
+        self.name, self.record = name, record
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.record.append((self.name, grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def launches_stubbed(record: list | None = None):
+    """Within: the Triton ops take their Triton path on any tensor, and their launches are recorded, not run."""
+    from unittest import mock
+    record = [] if record is None else record
+    with contextlib.ExitStack() as stack:
+        for module in (adaln, soflow_loss):
+            stack.enter_context(mock.patch.object(module, "use_triton", lambda t: True))
+        for module, name in KERNEL_OBJECTS:
+            stack.enter_context(mock.patch.object(module, name, _NoLaunch(name, record)))
+        yield record
+
+
+def host_path_cpu(repeats: int = 200) -> list[dict]:
+    """Host cost per call (us) of each op on CPU at tiny shapes: eager, and the Triton op with its launches
+    replaced by no-ops (so what is timed is the Python, custom-op dispatch and autograd path around the kernels;
+    outputs are left uninitialised). The launches themselves, and all device time, are not included."""
+    cases = [(k, adaln_case(k, 2, 8, torch.float32, "cpu", T=4)) for k in ADALN]
+    cases += [(k, loss_case(k, 2, torch.float32, "cpu", latent=(1, 2, 2))) for k in LOSSES]
+    rows = []
+    for kernel, (inputs, eager, fast, _, _) in cases:
+        n_grad = GRAD_ARGS.get(kernel, len(inputs))
+        row = dict(kernel=kernel)
+        for impl, fn in (("eager", eager), ("triton", fast)):
+            for mode in ("fwd", "fwd+bwd"):
+                call = (lambda fn=fn: fn(*inputs)) if mode == "fwd" else fwd_bwd(fn, inputs, n_grad)
+                with torch.no_grad() if mode == "fwd" else torch.enable_grad(), \
+                        launches_stubbed() if impl == "triton" else contextlib.nullcontext():
+                    row[f"{impl} {mode} us"] = 1e3 * min(host_ms(call, repeats) for _ in range(3))
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -176,12 +270,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
         rows = bench_gpu(args)
-        print(table(rows, ["kernel", "model", "batch", "dtype", "mode", "impl", "ms", "gb_s", "copy_fraction",
-                           "max_abs_err"]))
+        print(table(rows, ["kernel", "model", "batch", "dtype", "mode", "impl", "ms", "host_ms", "graph_ms",
+                           "copy_fraction", "graph_copy_fraction", "max_abs_err"]))
     else:
-        print("No CUDA device: parity only, under the Triton interpreter at small shapes. Timings need a GPU.")
+        print("No CUDA device: kernel timings need a GPU. Parity under the Triton interpreter at small shapes:")
         rows = parity_cpu()
         print(table(rows, ["kernel", "dtype", "fwd_err", "grad_err"]))
+        host = host_path_cpu()
+        print(f"\nHost path per call on this CPU ({torch.get_num_threads()} threads), us, tiny shapes; Triton "
+              "launches replaced by no-ops (launch cost and device time not included):")
+        print(table(host, list(host[0])))
+        rows = dict(parity=rows, host_path=host)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
