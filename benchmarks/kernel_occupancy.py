@@ -4,13 +4,14 @@ Each op runs once on small CPU tensors with its launches recorded instead of run
 launches_stubbed), so every kernel is compiled exactly as its launcher would launch it at that width: the same
 constexprs, num_warps and argument dtypes, pointers and multiples of 16 specialised as a CUDA launch would. The
 resources of the cubin Triton builds for the target (default sm_90, the H100) are read back with its bundled
-cuobjdump. From the registers and shared memory: programs and warps resident per SM, and the tile slots (BLOCK_T x BLOCK_D elements per program)
-resident per SM, of which D / BLOCK_D are real data (the rest is padding to a power of two).
+cuobjdump. From the registers and shared memory: programs and warps resident per SM, the tile slots (BLOCK_T rows
+x the columns a program holds) resident per SM, the fraction of them that is real data (the rest is masked
+padding to powers of two), and so the real elements resident per SM.
 
-Why it matters: Triton does not software-pipeline these loads (no cp.async without a tl.dot), so a kernel that
-loops over rows (the adaLN backward) has at most one tile per resident program in flight; by Little's law the
-bytes in flight per SM bound its bandwidth. The forward launches one short program per tile and the GPU overlaps
-many of them.
+Why it matters: Triton does not software-pipeline plain pointer loads (checked on this PTX: no cp.async in a
+tl.range loop without a tl.dot; loads through tl.make_tensor_descriptor do get TMA stages), so a kernel that loops
+over rows (the adaLN backward) has at most one tile per resident program in flight, and by Little's law the bytes
+in flight per SM bound its bandwidth. The forward launches one short program per tile and the GPU overlaps many.
 
     python benchmarks/kernel_occupancy.py [--arch 90] [--widths 384 768 1024 1152] [--json out.json]
 """
@@ -106,17 +107,20 @@ def occupancy_rows(widths: list[int], arch: int) -> list[dict]:
             for name, args, kwargs in recorded_launches(kernel, D or 8, dtype):
                 kwargs = dict(kwargs)
                 warps = kwargs.get("num_warps", 4)
-                tile_t, tile_d = kwargs.get("BLOCK_T", 1), kwargs.get("BLOCK_D", kwargs.get("BLOCK"))
+                # Columns a program holds per row: an adaLN row padded to a power of two, or a loss block.
+                tile_t = kwargs.get("BLOCK_T", 1)
+                tile_d = kwargs.get("BLOCK_D", kwargs.get("BLOCK"))
                 compiled = compile_launch(name, args, kwargs, arch)
                 use = resource_usage(compiled)
                 smem = compiled.metadata.shared + use["static_shared"]
                 progs = resident_programs(use["registers"], warps, smem, arch)
                 width = D if D is not None else bench.LATENT[0] * bench.LATENT[1] * bench.LATENT[2]
                 rows.append(dict(op=kernel, kernel=name.strip("_"), D=width, dtype=str(dtype).replace("torch.", ""),
-                                 BLOCK_T=tile_t, BLOCK_D=tile_d, warps=warps, registers=use["registers"],
+                                 BLOCK_T=tile_t, tile_columns=tile_d, warps=warps, registers=use["registers"],
                                  local_bytes=use["local_bytes"], shared_bytes=smem, programs_per_sm=progs,
                                  warps_per_sm=progs * warps, tile_slots_per_sm=progs * tile_t * tile_d,
-                                 real_fraction=min(1.0, width / tile_d)))
+                                 real_fraction=min(1.0, width / tile_d),
+                                 real_elements_per_sm=progs * tile_t * min(width, tile_d)))
     return rows
 
 
