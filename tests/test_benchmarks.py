@@ -62,3 +62,17 @@ def test_kernel_occupancy_compiles_every_launch(tmp_path):
         assert r["warps_per_sm"] == r["programs_per_sm"] * r["warps"]
         assert -(-r["registers"] * 32 // 256) * 256 * r["warps_per_sm"] <= 65536  # per-warp allocation in 256s
         assert 0 < r["real_fraction"] <= 1
+
+
+def test_step_host_path_mode():
+    """benchmarks/step.py --host-path times eager and Triton steps with the launches recorded, on CPU; a U-Net
+    config (no adaLN ops) is refused by name."""
+    root = Path(__file__).resolve().parent.parent
+    run = lambda cfg: subprocess.run([sys.executable, str(root / "benchmarks" / "step.py"), str(root / "configs" / cfg),  # noqa: E731
+                                      "--host-path", "--steps", "2"], capture_output=True, text=True)
+    out = run("digits.yaml")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| eager |") or line.startswith("| triton |")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+    bad = run("cifar10.yaml")
+    assert bad.returncode != 0 and "model_type UNet" in bad.stderr
