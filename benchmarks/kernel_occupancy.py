@@ -18,7 +18,6 @@ in flight per SM bound its bandwidth. The forward launches one short program per
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -134,9 +133,7 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU involved). "
           f"Loss rows: one {'x'.join(map(str, bench.LATENT))} latent per program.")
     print(bench.table(rows, list(rows[0])))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    bench.dump_json(args.json, rows)
     return 0
 
 

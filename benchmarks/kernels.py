@@ -255,6 +255,13 @@ def host_path_cpu(repeats: int = 200) -> list[dict]:
     return rows
 
 
+def dump_json(path: str | None, rows) -> None:
+    """Write rows to path as JSON (nothing when path is None: --json was not given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -281,9 +288,7 @@ def main(argv=None) -> int:
               "launches replaced by no-ops (launch cost and device time not included):")
         print(table(host, list(host[0])))
         rows = dict(parity=rows, host_path=host)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    dump_json(args.json, rows)
     return 0
 
 
