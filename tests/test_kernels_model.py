@@ -56,19 +56,24 @@ def assert_same_grads(fast, ref):
         torch.testing.assert_close(gf[name], gr[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def assert_matches_reference(net, fast, ref):
+    """net (fast, or a compiled fast) gives ref's outputs, and backprop leaves fast with ref's gradients."""
+    x, t, s, y = inputs()
+    out_n, out_r = net(x, t, s, y), ref(x, t, s, y)
+    torch.testing.assert_close(out_n, out_r, atol=1e-5, rtol=1e-5)
+    cot = torch.randn_like(out_r)
+    (out_n * cot).sum().backward()
+    (out_r * cot).sum().backward()
+    assert_same_grads(fast, ref)
+
+
 def test_kernels_really_run():
     assert _common.use_triton(torch.zeros(1, device=DEV)), "export TRITON_INTERPRET=1 for the whole test run"
 
 
 def test_dit_outputs_and_gradients():
     fast, ref = twin_models()
-    x, t, s, y = inputs()
-    out_f, out_r = fast(x, t, s, y), ref(x, t, s, y)
-    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
-    cot = torch.randn_like(out_r)
-    (out_f * cot).sum().backward()
-    (out_r * cot).sum().backward()
-    assert_same_grads(fast, ref)
+    assert_matches_reference(fast, fast, ref)
 
 
 def test_training_step():
@@ -93,13 +98,7 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     fast, ref = twin_models()
     compiled = torch.compile(fast, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager")
-    x, t, s, y = inputs()
-    out_c, out_r = compiled(x, t, s, y), ref(x, t, s, y)
-    torch.testing.assert_close(out_c, out_r, atol=1e-5, rtol=1e-5)
-    cot = torch.randn_like(out_r)
-    (out_c * cot).sum().backward()
-    (out_r * cot).sum().backward()
-    assert_same_grads(fast, ref)
+    assert_matches_reference(compiled, fast, ref)
 
 
 def test_trainer_first_steps_match_eager(tmp_path):
