@@ -59,27 +59,25 @@ def xl2_step_rate(batch: int, device: torch.device, steps: int = 5) -> float:
     from soflow_fast.config import TrainConfig
     from soflow_fast.models import build_model
     from soflow_fast.step import draw_noise, soflow_loss
-    from soflow_fast.train import autocast_dtype
+    from soflow_fast.precision import numerics, resolve_precision
 
     cfg = TrainConfig.from_dict({"model_type": "DiT-XL/2", "dataset_type": "Imagenet", "data_size": 32,
                                  "batch_size": batch, "cfg_scale": 3.0, "cfg_drop_rate": 0.1, "mix_ratio": 0.25,
                                  "device": device.type})
-    amp = autocast_dtype(cfg.precision, device)
+    mode = resolve_precision(cfg.precision, device)
     model = build_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, null_class=True,
                         kernels=cfg.kernels, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     gen = torch.Generator(device).manual_seed(0)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def step():
         noise = draw_noise(cfg.hparams, x0, True, gen)
-        with ctx():
-            loss = soflow_loss(model, cfg.flow, cfg.hparams, x0, y, noise, 0, model.null_label,
-                               loss_impl=model.cfg.kernels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with numerics(mode, device):
+            soflow_loss(model, cfg.flow, cfg.hparams, x0, y, noise, 0, model.null_label,
+                        loss_impl=model.cfg.kernels, precision=mode).loss.backward()
         opt.step()
 
     step()

@@ -31,7 +31,7 @@ from soflow_fast.config import load_config, parse_override  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
 from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.parallel import resolve_device  # noqa: E402
-from soflow_fast.train import autocast_dtype  # noqa: E402
+from soflow_fast.precision import numerics, region, resolve_precision  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -117,7 +117,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = autocast_dtype(cfg.precision, device)
+    mode = resolve_precision(cfg.precision, device)
     in_ch = {"digits": 1, "Imagenet": 4, "CIFAR10": 3}[cfg.dataset_type]
     classes = cfg.num_classes if cfg.num_classes is not None else {"digits": 10, "Imagenet": 1000, "CIFAR10": 0}[
         cfg.dataset_type]
@@ -135,24 +135,23 @@ def main() -> None:
     y = torch.randint(0, classes, (B,), device=device) if classes else None
     guided = y is not None and hp.cfg_scale > 1
     gen = torch.Generator(device).manual_seed(0)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def three_call():
         noise = draw_noise(hp, x0, guided, gen)
-        with ctx():
-            loss = soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label,
-                               loss_impl=model.cfg.kernels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with numerics(mode, device):
+            soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label, loss_impl=model.cfg.kernels,
+                        precision=mode).loss.backward()
         opt.step()
 
-    def six_call():
+    def six_call():  # the reference's formulation, every call under the mode's widest bf16 region
         noise = draw_noise(hp, x0, guided, gen)
-        with ctx():
-            loss, _ = reference_math.six_call_step(model, flow.noising, flow.coefficient, hp, x0, y, noise, 0,
-                                                   model.null_label)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with numerics(mode, device):
+            with region(mode, mode.any_bf16, device.type):
+                loss, _ = reference_math.six_call_step(model, flow.noising, flow.coefficient, hp, x0, y, noise, 0,
+                                                       model.null_label)
+            loss.backward()
         opt.step()
 
     flops = 2 * model.cfg.forward_macs() * hp.forward_equivalents(B, guided)
@@ -162,7 +161,7 @@ def main() -> None:
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {name}; model {cfg.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-          f"batch {B}, precision {amp or 'fp32'}, kernels {model.cfg.kernels}, "
+          f"batch {B}, precision {mode.name}, kernels {model.cfg.kernels}, "
           f"{hp.forward_equivalents(B, guided) / B:.2f} forward-equivalents/sample, {flops / 1e9:.2f} GFLOP/step")
     head = "| formulation | step ms (median) | images/s | model TFLOP/s |" + (" fraction of fp32 matmul |" if peak else "")
     print(head)

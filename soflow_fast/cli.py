@@ -31,7 +31,7 @@ def _sample(args: argparse.Namespace) -> int:
     from .flow import Flow
     from .parallel import init_distributed
     from .sampling import generate, load_decoder
-    from .train import autocast_dtype, model_from_checkpoint
+    from .train import model_from_checkpoint
 
     dist = init_distributed(args.device)
     ck = consolidate(args.checkpoint)
@@ -45,7 +45,7 @@ def _sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--labels: {bad[0]} is outside 0..{classes - 1}")
     path = generate(model, Flow(**ck["flow"]), Path(args.out), num=args.num_samples, nfe=args.nfe, seed=args.seed,
                     batch_size=args.batch_size, dist=dist, labels=labels,
-                    vae=load_decoder(args.vae, dist.device), amp=autocast_dtype("auto", dist.device))
+                    vae=load_decoder(args.vae, dist.device))
     if path is not None:
         print(f"wrote {args.num_samples} samples to {path} (arr_0 uint8 NHWC) and {path.with_suffix('.png')}")
     return 0

@@ -16,6 +16,7 @@ import yaml
 from .flow import L_SCHEDULES, Flow
 from .models import is_model_type
 from .ops import KERNEL_MODES
+from .precision import PRECISIONS
 from .step import SoFlowHParams
 
 DATASETS = ("digits", "Imagenet", "CIFAR10", "ImageFolder")
@@ -75,8 +76,9 @@ class TrainConfig:
     patch_size: Optional[int] = None
     kernels: str = "eager"                  # eager | triton | auto (= Triton on CUDA); eager by default: measured
     #                                         faster end to end on an H100 (README, "Measured")
-    precision: str = "auto"                 # auto = fp32 (+TF32 on GPUs) | bf16 (autocast; FSDP2 bf16 params):
-    #                                         bf16 rounding degrades the consistency quotient (see train.autocast_dtype)
+    precision: str = "auto"                 # auto (= bf16-split on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs)
+    #                                         | bf16 (all calls) | bf16-split | bf16-secant: soflow_fast/precision.py;
+    #                                         a bf16 mode on a CPU runs the exact bf16 emulator
     optimizer: str = "auto"                 # auto (radam for CIFAR10, as the reference; else adamw) | adamw | radam
     #                                         | fused_adamw_ema (csrc extension) | apex
     ema_every: int = 0                      # EMA every N steps with decay^N in float64 (0 = auto: 16 for CIFAR10)
@@ -186,7 +188,7 @@ class TrainConfig:
             raise bad("betas", "expected two numbers in [0, 1)")
         if len(self.eval_demo_shape) != 2 or min(self.eval_demo_shape) < 1:
             raise bad("eval_demo_shape", "expected [rows, columns], both >= 1")
-        for key, allowed in (("kernels", KERNEL_MODES), ("precision", ("auto", "bf16", "fp32")),
+        for key, allowed in (("kernels", KERNEL_MODES), ("precision", PRECISIONS),
                              ("optimizer", ("auto", "adamw", "radam", "fused_adamw_ema", "apex")),
                              ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda")),
                              ("parallel", ("none", "ddp", "fsdp"))):
@@ -209,6 +211,8 @@ class TrainConfig:
             raise bad("optimizer", "fused_adamw_ema updates the EMA every step; set ema_every: 1")
         if self.num_classes is not None and self.num_classes < 0:
             raise bad("num_classes", "must be >= 0")
+        if self.precision == "bf16-secant" and not self.model_type.startswith("DiT"):
+            raise bad("precision", "the secant pair is built into the DiT; use bf16-split for a U-Net")
         if self.cfg_scale > 1.0 and self.num_classes == 0:
             raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
 

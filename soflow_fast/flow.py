@@ -71,6 +71,16 @@ class Flow:
     def b(self, t: Tensor, s: Tensor) -> Tensor:
         return s - t if self.coefficient == "euler" else torch.sin(HALF_PI * (s - t))
 
+    def coefficient_slopes(self, t: Tensor, l: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """((a(t,s) - a(l,s)) / (t - l), (b(t,s) - b(l,s)) / (t - l)), by sum-to-product identities for Trig, so
+        that nothing cancels as l -> t (the secant quotient, docs/precision.md section 5)."""
+        if self.coefficient == "euler":
+            return torch.zeros_like(t), -torch.ones_like(t)  # b(t,s) - b(l,s) = l - t
+        gap = t - l
+        mid = HALF_PI * (2 * s - t - l) / 2  # the mean of the two angles pi (s - t) / 2 and pi (s - l) / 2
+        half = torch.sin(HALF_PI * -gap / 2) / gap  # sin(half the angle difference) / (t - l)
+        return -2 * torch.sin(mid) * half, 2 * torch.cos(mid) * half
+
     def da_ds_diag(self, t: Tensor) -> Tensor:
         """da/ds at s = t: zero for both coefficient types."""
         return torch.zeros_like(t)

@@ -83,16 +83,29 @@ def consistency_point(x_t: Tensor, u: Tensor, t: Tensor, l: Tensor) -> Tensor:
     return at_least_fp32(x_t) + u * bcast(l - t, u)
 
 
+def consistency_quotient(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
+                         F_l: Optional[Tensor] = None, dF: Optional[Tensor] = None) -> Tensor:
+    """q = (f_t - f_l) / (t - l) (no gradient), from F_l = F(x_l, l, s) of a second call, or from the secant
+    difference dF = F_l - F_t (docs/precision.md section 5): with x_l - x_t = u (l - t),
+    q = da x_t + a(l,s) u + db F_t - b(l,s) dF / (t - l), da and db the coefficients' slopes between t and l."""
+    with torch.no_grad():
+        x_t, F_t = at_least_fp32(x_t), at_least_fp32(F_t.detach())
+        if dF is None:
+            f_t = flow.solution_from_output(F_t, x_t, t, s)
+            f_l = flow.solution_from_output(at_least_fp32(F_l), consistency_point(x_t, u, t, l), l, s)
+            return (f_t - f_l) / bcast(t - l, f_t)
+        da, db = flow.coefficient_slopes(t, l, s)
+        return (bcast(da, x_t) * x_t + bcast(flow.a(l, s), u) * u + bcast(db, F_t) * F_t
+                - bcast(flow.b(l, s) / (t - l), F_t) * at_least_fp32(dF))
+
+
 def consistency_loss(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
-                     F_l: Tensor, *, p: float, eps: float) -> LossTerms:
-    """Solution-consistency loss without JVP. F_t = F(x_t, t, s, y_masked) with gradient, F_l = F(x_l, l, s, y_masked)."""
-    x_t = at_least_fp32(x_t)
+                     F_l: Optional[Tensor], *, p: float, eps: float, dF: Optional[Tensor] = None) -> LossTerms:
+    """Solution-consistency loss without JVP. F_t = F(x_t, t, s, y_masked) with gradient; F_l = F(x_l, l, s, y_masked),
+    or dF = F_l - F_t from the secant pair (then F_l is None)."""
     F_t = at_least_fp32(F_t)
     with torch.no_grad():
-        x_l = consistency_point(x_t, u, t, l)
-        f_t = flow.solution_from_output(F_t.detach(), x_t, t, s)
-        f_l = flow.solution_from_output(at_least_fp32(F_l), x_l, l, s)
-        q = (f_t - f_l) / bcast(t - l, f_t)
+        q = consistency_quotient(flow, F_t, x_t, u, t, s, l, F_l=F_l, dF=dF)
         q2_i = _rows(q).pow(2).mean(dim=1)
         weight_i = 1.0 / (q2_i + eps).pow(p)
     sign = torch.sign(flow.b(t, s))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +115,12 @@ def fm_loss(flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, impl: 
     return eager(flow, F_pred, x_t, v_t, t, **kw)
 
 
-def consistency_loss(flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor, F_l: Tensor, *,
-                     impl: str = "eager", **kw):
-    """soflow_fast.loss.consistency_loss, or its fused Triton twin."""
-    if impl == "triton":
+def consistency_loss(flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
+                     F_l: Optional[Tensor], *, impl: str = "eager", dF: Optional[Tensor] = None, **kw):
+    """soflow_fast.loss.consistency_loss, or its fused Triton twin (for F_l from a second call; the secant
+    quotient, from dF, is eager)."""
+    if impl == "triton" and dF is None:
         from soflow_fast.kernels import soflow_loss
         return soflow_loss.consistency_loss(flow, F_t, x_t, u, t, s, l, F_l, **kw)
     from .loss import consistency_loss as eager
-    return eager(flow, F_t, x_t, u, t, s, l, F_l, **kw)
+    return eager(flow, F_t, x_t, u, t, s, l, F_l, dF=dF, **kw)

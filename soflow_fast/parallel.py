@@ -75,7 +75,9 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: x, t and s reach the network in fp32. With the default (True) t and s would be
+        # rounded to bf16, whose spacing near 0.7 is 0.004: t and l would collapse to one value (docs/precision.md).
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

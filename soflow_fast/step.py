@@ -6,6 +6,10 @@
 3. the gradient call on all rows (FM at (t, t), consistency at (t, s)).
 The math is identical to the reference's six calls (tests/test_step.py checks loss terms, statistics and every
 parameter gradient against a transcription of them). All randomness comes in through `StepNoise`.
+
+The precision mode (soflow_fast.precision) says which calls run under bf16 autocast. A mode whose consistency pair
+differs from its FM rows splits call 3 into an FM call and a consistency call; the secant mode computes F_l inside
+the consistency call as F_t + dF (docs/precision.md section 5), so call 2 disappears.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .flow import Flow, consistency_times, l_ratio, logit_normal
+from .flow import Flow, bcast, consistency_times, l_ratio, logit_normal
 from .loss import at_least_fp32, consistency_point, consistency_velocity
+from .precision import MODES, Precision, region
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class StepOutput:
 
 def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
                 step: int, null_label: Optional[int], loss_impl: str = "eager",
-                augment_labels: Optional[Tensor] = None) -> StepOutput:
+                augment_labels: Optional[Tensor] = None, precision: Precision = MODES["fp32"]) -> StepOutput:
     """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step).
     augment_labels [B, D] (EDM augmentation) go with their rows to every network call."""
     B = x0.shape[0]
@@ -114,6 +119,11 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     x0 = at_least_fp32(x0)
     dev = x0.device
     stochastic = isinstance(net, nn.Module) and is_stochastic(net)
+    if precision.secant and (stochastic or augment_labels is not None):
+        raise ValueError(f"precision {precision.name!r} needs a deterministic DiT (no dropout, no augment labels)")
+
+    def bf16(on: bool):
+        return region(precision, on, dev.type)
 
     xt_fm, vt_fm = flow.interpolate(x0[:n_fm], noise.x1[:n_fm], noise.t_fm)
     t_c, s_c, l_c = consistency_times(noise.s_draw, noise.t_draw,
@@ -124,10 +134,10 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     def labels(rows: slice, which: Optional[Tensor]) -> Optional[Tensor]:
         return None if which is None else which[rows]
 
-    def call(x: Tensor, t: Tensor, s: Tensor, y: Optional[Tensor], rows: slice | list[slice]) -> Tensor:
+    def call(x: Tensor, t: Tensor, s: Tensor, y: Optional[Tensor], rows: slice | list[slice], **kw) -> Tensor:
         """net(x, t, s, y), plus the augment labels of `rows` for networks that take them."""
         if augment_labels is None:
-            return net(x, t, s, y)
+            return net(x, t, s, y, **kw)
         rows = rows if isinstance(rows, list) else [rows]
         return net(x, t, s, y, torch.cat([augment_labels[r] for r in rows]))
 
@@ -140,31 +150,39 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
                  (xt_c, t_c, torch.full((n_c,), null_label, device=dev), C)]
         if hp.mix_ratio != 1.0:
             parts.append((xt_c, t_c, y[n_fm:], C))
-        with torch.no_grad():
+        with torch.no_grad(), bf16(precision.teacher_bf16):
             tt = torch.cat([p[1] for p in parts])
             F_teach = call(torch.cat([p[0] for p in parts]), tt, tt, torch.cat([p[2] for p in parts]),
                            [p[3] for p in parts])
         F_unc_fm, F_unc_c = F_teach[:n_fm], F_teach[n_fm:n_fm + n_c]
         F_cond_c = F_teach[n_fm + n_c:] if hp.mix_ratio != 1.0 else None
 
-    # Call 2: the consistency point x_l (no gradient).
+    # Call 2: the consistency point x_l (no gradient); the secant mode gets F_l from call 3 instead.
     mask_c = noise.cfg_mask[n_fm:]
     u = consistency_velocity(flow, xt_c, vt_c, t_c, F_unc=F_unc_c, F_cond=F_cond_c, mask=mask_c,
                              cfg_scale=hp.cfg_scale, mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time)
-    x_l = consistency_point(xt_c, u, t_c, l_c)
-    with torch.no_grad(), _rng_stream(noise.dropout_seed, dev, stochastic):
-        F_l = call(x_l, l_c, s_c, labels(C, y_m), C) if n_c else None
+    F_l = dF = None
+    if n_c and not precision.secant:
+        x_l = consistency_point(xt_c, u, t_c, l_c)
+        with torch.no_grad(), _rng_stream(noise.dropout_seed, dev, stochastic), bf16(precision.pair_bf16):
+            F_l = call(x_l, l_c, s_c, labels(C, y_m), C)
 
     # Call 3: the gradient call. A stochastic network gets its consistency rows in a call of their own, so that F_t
-    # sees exactly the random stream F_l saw.
-    if stochastic:
-        with _rng_stream(noise.dropout_seed + 1, dev, True):  # seeded too: the step never reads the global RNG
+    # sees exactly the random stream F_l saw; so does a mode that runs them in another precision than the FM rows.
+    if stochastic or precision.secant or precision.fm_bf16 != precision.pair_bf16:
+        with _rng_stream(noise.dropout_seed + 1, dev, stochastic), bf16(precision.fm_bf16):
             F_fm = call(xt_fm, noise.t_fm, noise.t_fm, labels(FM, y_m), FM) if n_fm else xt_fm[:0]
-        with _rng_stream(noise.dropout_seed, dev, True):
-            F_c = call(xt_c, t_c, s_c, labels(C, y_m), C) if n_c else xt_c[:0]
+        with _rng_stream(noise.dropout_seed, dev, stochastic), bf16(precision.pair_bf16):
+            if not n_c:
+                F_c = xt_c[:0]
+            elif precision.secant:  # dF = F(x_l, l, s) - F(x_t, t, s), with x_l - x_t = u (l - t)
+                F_c, dF = call(xt_c, t_c, s_c, labels(C, y_m), C, pair=(u * bcast(l_c - t_c, u), l_c - t_c))
+            else:
+                F_c = call(xt_c, t_c, s_c, labels(C, y_m), C)
     else:
-        F_all = call(torch.cat([xt_fm, xt_c]), torch.cat([noise.t_fm, t_c]), torch.cat([noise.t_fm, s_c]), y_m,
-                     slice(0, B))
+        with bf16(precision.fm_bf16):
+            F_all = call(torch.cat([xt_fm, xt_c]), torch.cat([noise.t_fm, t_c]), torch.cat([noise.t_fm, s_c]), y_m,
+                         slice(0, B))
         F_fm, F_c = F_all[:n_fm], F_all[n_fm:]
 
     zero = x0.new_zeros(())
@@ -175,7 +193,7 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
                                             mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time, impl=loss_impl)
     if n_c:
         loss_c, mse_c, w_c = ops.consistency_loss(flow, F_c, xt_c, u, t_c, s_c, l_c, F_l, p=hp.p, eps=hp.eps,
-                                                  impl=loss_impl)
+                                                  impl=loss_impl, dF=dF)
     total = loss_fm * (n_fm / B) + loss_c * (n_c / B)
     stats = dict(loss_fm=loss_fm.detach(), loss_c=loss_c.detach(), mse_fm=mse_fm, weight_fm=w_fm, mse_c=mse_c,
                  weight_c=w_c)

@@ -33,6 +33,7 @@ from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, step_with_ema
 from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, unwrap
+from .precision import emulated, numerics, region, resolve_precision
 from .step import draw_noise, soflow_loss
 
 log = logging.getLogger("soflow_fast")
@@ -44,19 +45,6 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, 
 
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss or gradient (and on_nonfinite is 'stop')."""
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None = fp32 (TF32 matmuls on Ampere and newer, the reference's setting); torch.bfloat16 only when asked.
-
-    'auto' is fp32: measured on an H100 (digits, 600 steps), bf16 autocast made the consistency mse climb from 0.26
-    to 7.5 while fp32 stayed at 0.27: q = (f_t - f_l) / (t - l) divides the difference of two separately rounded
-    network outputs by a gap that the l schedule shrinks to 0.2% of t - s, so bf16 rounding dominates it."""
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("config: precision = 'bf16' but this GPU does not support bf16")
-        return torch.bfloat16
-    return None
 
 
 def dataset_for(cfg: TrainConfig, dist: DistInfo):
@@ -142,7 +130,7 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
     return min(cfg.ema_decay_rate, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay_rate
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device, amp: Optional[torch.dtype]) -> Optional[float]:
+def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> Optional[float]:
     """Per-device peak FLOP/s for MFU: the config's peak_tflops, else the table; None when unknown (e.g. CPU)."""
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
@@ -151,7 +139,7 @@ def peak_flops(cfg: TrainConfig, device: torch.device, amp: Optional[torch.dtype
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAK_BF16_TFLOPS.items():
         if key in name:
-            return tflops * 1e12 / (1 if amp else 2)
+            return tflops * 1e12 / (1 if bf16 else 2)
     return None
 
 
@@ -172,7 +160,10 @@ class Trainer:
                               f"batch {local} (batch_size {cfg.batch_size} / world size {W})")
         self.accum = local // self.micro
         self.device = self.dist.device
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        try:
+            self.precision = resolve_precision(cfg.precision, self.device)
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from None
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
@@ -185,10 +176,9 @@ class Trainer:
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
-        self.model = parallelize(self.net, self.parallel, param_dtype=self.amp_dtype if fsdp else None,
+        self.model = parallelize(self.net, self.parallel, param_dtype=self.precision.fsdp_param_dtype if fsdp else None,
                                  activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile,
                                  device=self.device)
-        self.autocast = not fsdp  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
         named = list(unwrap(self.model).named_parameters())
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -215,7 +205,7 @@ class Trainer:
             raise ConfigError(f"config: augment_p = {p} needs a network with augment-label input (model_type UNet)")
         self.augment = AugmentPipe(AugmentConfig(p=p)) if p > 0 else None
         self.ema_every = cfg.resolved_ema_every
-        self.peak = peak_flops(cfg, self.device, self.amp_dtype)
+        self.peak = peak_flops(cfg, self.device, self.precision.any_bf16)
         self._resume()
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -260,10 +250,12 @@ class Trainer:
         log.info("resumed from %s at step %d (written by %d ranks)", path, self.step, meta.get("world_size", 1))
 
     # -- one step -----------------------------------------------------------------------------------
-    def _amp(self):
-        if self.amp_dtype is None or not self.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _sampling(self):
+        """Sampling runs as the mode's teacher calls do (bf16 or fp32), emulated on a CPU."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(numerics(self.precision, self.device))
+        stack.enter_context(region(self.precision, self.precision.teacher_bf16, self.device.type))
+        return stack
 
     def _sync_grads(self, last: bool):
         """Gradient all-reduce only on the last micro-batch of a step."""
@@ -289,10 +281,10 @@ class Trainer:
             aug = None
             if self.augment is not None:
                 xm, aug = self.augment(xm, gen)
-            with self._sync_grads(a == self.accum - 1), self._amp():
+            with self._sync_grads(a == self.accum - 1), numerics(self.precision, self.device):
                 out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
-                                  loss_impl=self.net.cfg.kernels, augment_labels=aug)
-            (out.loss / self.accum).backward()
+                                  loss_impl=self.net.cfg.kernels, augment_labels=aug, precision=self.precision)
+                (out.loss / self.accum).backward()
             for k, v in {"loss": out.loss.detach(), **out.stats}.items():
                 stats[k] = stats.get(k, 0.0) + v.float() / self.accum
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
@@ -333,7 +325,9 @@ class Trainer:
             log.info("optimizer backends available: %s", optimizer_backends())
             log.info("device %s x %d ranks (%s), precision %s, kernels %s, attention %s, optimizer %s, "
                      "params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
-                     self.device, self.dist.world_size, self.parallel, self.amp_dtype or "fp32", self.net.cfg.kernels,
+                     self.device, self.dist.world_size, self.parallel,
+                     self.precision.name + (" (emulated)" if emulated(self.precision, self.device) else ""),
+                     self.net.cfg.kernels,
                      self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)
@@ -407,7 +401,7 @@ class Trainer:
         x1 = torch.randn((n, ema.cfg.in_channels, self.cfg.data_size, self.cfg.data_size), generator=g,
                          device=self.device)
         y = torch.arange(n, device=self.device) % ema.cfg.num_classes if ema.cfg.num_classes else None
-        with self._amp():
+        with self._sampling():
             x = sample(ema, self.flow, x1, nfe=self.cfg.eval_NFE, y=y, generator=g)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         save_grid(to_uint8_nhwc(x), rows, cols, path, upscale=4 if self.cfg.data_size <= 16 else 1)
@@ -436,7 +430,7 @@ class Trainer:
         def sample_fn(k: int):
             x1 = torch.randn((k, ema.cfg.in_channels, cfg.data_size, cfg.data_size), generator=g, device=self.device)
             y = torch.randint(0, classes, (k,), generator=g, device=self.device) if classes else None
-            with self._amp():
+            with self._sampling():
                 x = sample(ema, self.flow, x1, nfe=cfg.eval_NFE, y=y, generator=g)
             if vae is not None:
                 x = vae.decode(x.float() / LATENT_SCALE).sample
@@ -457,7 +451,8 @@ class Trainer:
 
     def _attention_backend(self) -> str:
         head_dim = getattr(self.net.cfg, "hidden_size", 64) // getattr(self.net.cfg, "num_heads", 1)
-        probe = torch.empty(1, 1, 1, head_dim, device=self.device, dtype=self.amp_dtype or torch.float32)
+        dtype = torch.bfloat16 if self.precision.any_bf16 else torch.float32
+        probe = torch.empty(1, 1, 1, head_dim, device=self.device, dtype=dtype)
         return ops.attention_backend(probe)
 
 

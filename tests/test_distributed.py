@@ -83,6 +83,14 @@ def test_two_ranks_match_one_process(tmp_path, single, parallel):
         assert la[k] == pytest.approx(lb[k], rel=1e-5)
 
 
+def test_bf16_secant_two_fsdp_ranks_match_one_process(tmp_path):
+    """The default CUDA precision, emulated: FSDP2 (fp32 parameters, autocast inside) on 2 ranks computes what one
+    process does. The emulated rounding is deterministic, so the fp32 tolerance above holds."""
+    train(tmp_path, "one", micro_batch_size=8, precision="bf16-secant")
+    train(tmp_path, "two", ranks=2, parallel="fsdp", precision="bf16-secant")
+    assert_same(tmp_path, "one", "two")
+
+
 def test_micro_batching_changes_nothing_but_memory(tmp_path, single):
     """Sanity check of the premise: without the split into micro-batches the run differs (the FM/consistency
     split and the noise are per micro-batch), so the parity above is not trivially true."""

@@ -3,6 +3,11 @@
 Module and parameter names follow the reference implementation (timm's PatchEmbed / Attention / Mlp names), so a
 reference state dict loads after stripping its "network." prefix. The adaLN pieces go through soflow_fast.ops, which
 switches between the eager references and the fused Triton kernels.
+
+Every module also runs as a secant pair (docs/precision.md, section 5): given the difference d of its input from a
+second point, it returns beside its output the difference of its outputs at the two points, computed without
+subtracting two separately rounded outputs: linear maps act on d directly, nonlinear pieces use `secant` or an
+exact identity. `DiT.forward(..., pair=(dx, dt))` thus gives F(x, t, s, y) and F(x + dx, t + dt, s, y) - F(x, t, s, y).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..precision import skeleton
 
 # name -> (patch, hidden, depth, heads). DiT-T/2 is ours: tiny, for tests and CPU demos.
 DIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -78,9 +84,34 @@ class DiTConfig:
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
     """[cos(t f), sin(t f)], f_i = exp(-ln(max_period) i / (dim/2)); t raw in [0, 1]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    f = torch.promote_types(t.dtype, torch.float32)  # fp32 as the reference; fp64 stays fp64 (exactness tests)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=f, device=t.device) / half)
+    args = t.to(f)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def timestep_embedding_difference(t: Tensor, dt: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """timestep_embedding(t + dt) - timestep_embedding(t) by the sum-to-product identities (no cancellation)."""
+    half = dim // 2
+    f = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=f, device=t.device) / half)
+    mid = (t.to(f) + dt.to(f) / 2)[:, None] * freqs[None]
+    half_gap = torch.sin(dt.to(f)[:, None] * freqs[None] / 2)
+    return torch.cat([-2 * torch.sin(mid) * half_gap, 2 * torch.cos(mid) * half_gap], dim=-1)
+
+
+def secant(fn, a: tuple[Tensor, ...], d: tuple[Tensor, ...]) -> Tensor:
+    """fn(a + d) - fn(a) without gradient, in at least fp32 (a, d: tuples of the arguments and their differences).
+    Its rounding error is that of fn in fp32, not the bf16 rounding of the two outputs."""
+    f = torch.promote_types(a[0].dtype, torch.float32)
+    with torch.no_grad():
+        base = [x.detach().to(f) for x in a]
+        return fn(*(x + dx.to(f) for x, dx in zip(base, d))) - fn(*base)
+
+
+def linear_difference(layer: nn.Linear, d: Tensor) -> Tensor:
+    """layer(x + d) - layer(x) = W d: the bias cancels exactly."""
+    return torch.nn.functional.linear(d, layer.weight.detach())
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
@@ -102,9 +133,15 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.freq_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+    def forward(self, t: Tensor, dt: Optional[Tensor] = None):
+        emb = timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        if dt is None:
+            return self.mlp(emb)
+        hidden = self.mlp[0](emb)
+        d_emb = timestep_embedding_difference(t, dt, self.freq_dim).to(emb.dtype)
+        d_hidden = linear_difference(self.mlp[0], d_emb)
+        d_act = secant(torch.nn.functional.silu, (hidden,), (d_hidden,))
+        return self.mlp[2](self.mlp[1](hidden)), linear_difference(self.mlp[2], d_act)
 
 
 class LabelEmbedder(nn.Module):
@@ -121,8 +158,12 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_ch, hidden, kernel_size=patch, stride=patch)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, dx: Optional[Tensor] = None):
+        out = self.proj(x).flatten(2).transpose(1, 2)
+        if dx is None:
+            return out
+        d = torch.nn.functional.conv2d(dx, self.proj.weight.detach(), stride=self.proj.stride)
+        return out, d.flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -132,10 +173,37 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dx: Optional[Tensor] = None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(ops.attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+
+        def heads(qkv: Tensor) -> Tensor:
+            return qkv.reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+
+        def merge(o: Tensor) -> Tensor:
+            return o.transpose(1, 2).reshape(B, T, D)
+
+        q, k, v = heads(self.qkv(x))
+        out = self.proj(merge(ops.attention(q, k, v)))
+        if dx is None:
+            return out
+        dq, dk, dv = heads(linear_difference(self.qkv, dx))
+        return out, linear_difference(self.proj, merge(attention_difference(q, k, v, dq, dk, dv)))
+
+
+def attention_difference(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    """attention(q + dq, k + dk, v + dv) - attention(q, k, v) without cancellation: with S = q k^T / sqrt(d),
+    P = softmax(S) and e = expm1(dS), softmax(S + dS) - P = P (e - E) / (1 + E) where E = sum_j P_j e_j; every
+    product of a difference is a GEMM in the region's precision, relative to the difference itself."""
+    f = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        q, k, v = q.detach(), k.detach(), v.detach()
+        p = ((q @ k.transpose(-2, -1)).to(f) * scale).softmax(dim=-1)
+        ds = (dq @ k.transpose(-2, -1) + (q + dq) @ dk.transpose(-2, -1)).to(f) * scale
+        e = torch.expm1(ds)
+        big_e = (p * e).sum(dim=-1, keepdim=True)
+        dp = p * (e - big_e) / (1 + big_e)
+        return (dp @ (v + dv).to(f) + p @ dv.to(f)).to(f)
 
 
 class Mlp(nn.Module):
@@ -145,8 +213,13 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(int(hidden * ratio), hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: Tensor, dx: Optional[Tensor] = None):
+        hidden = self.fc1(x)
+        out = self.fc2(self.act(hidden))
+        if dx is None:
+            return out
+        d_act = secant(self.act, (hidden,), (linear_difference(self.fc1, dx),))
+        return out, linear_difference(self.fc2, d_act)
 
 
 class DiTBlock(nn.Module):
@@ -157,12 +230,39 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(cfg.hidden_size, cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(ops.layernorm_modulate(x, shift1, scale1, self.impl))
+    def forward(self, x: Tensor, c: Tensor, pair: Optional[tuple[Tensor, Tensor]] = None):
+        with skeleton(x.device.type):
+            mod = self.adaLN_modulation(c)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
+        h = ops.layernorm_modulate(x, shift1, scale1, self.impl)
+        attn = self.attn(h)
         # The attention branch's residual add and the MLP branch's LN + modulate in one pass over the stream.
-        x, h = ops.gated_residual_layernorm_modulate(x, gate1, h, shift2, scale2, self.impl)
-        return ops.gated_residual(x, gate2, self.mlp(h), self.impl)
+        res, h2 = ops.gated_residual_layernorm_modulate(x, gate1, attn, shift2, scale2, self.impl)
+        mlp = self.mlp(h2)
+        out = ops.gated_residual(res, gate2, mlp, self.impl)
+        if pair is None:
+            return out
+        dx, dc = pair
+        dmod = modulation_difference(self.adaLN_modulation, c, dc).chunk(6, dim=1)
+        dh = secant(ops.layernorm_modulate_eager, (x, shift1, scale1), (dx, dmod[0], dmod[1]))
+        _, d_attn = self.attn(h, dh)
+        d_res = residual_difference(dx, gate1, attn, dmod[2], d_attn)
+        dh2 = secant(ops.layernorm_modulate_eager, (res, shift2, scale2), (d_res, dmod[3], dmod[4]))
+        _, d_mlp = self.mlp(h2, dh2)
+        return out, (residual_difference(d_res, gate2, mlp, dmod[5], d_mlp), dc)
+
+
+def modulation_difference(ada: nn.Sequential, c: Tensor, dc: Tensor) -> Tensor:
+    """adaLN_modulation(c + dc) - adaLN_modulation(c): Linear(SiLU(.))."""
+    return linear_difference(ada[1], secant(ada[0], (c,), (dc,)))
+
+
+def residual_difference(dx: Tensor, gate: Tensor, y: Tensor, dgate: Tensor, dy: Tensor) -> Tensor:
+    """(x + dx) + (gate + dgate)(y + dy) - (x + gate y), expanded so that no term cancels."""
+    f = torch.promote_types(dx.dtype, torch.float32)
+    gate, y = gate.detach().to(f).unsqueeze(1), y.detach().to(f)
+    dgate, dy = dgate.to(f).unsqueeze(1), dy.to(f)
+    return dx.to(f) + dgate * y + (gate + dgate) * dy
 
 
 class FinalLayer(nn.Module):
@@ -172,9 +272,17 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_size ** 2 * cfg.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ops.layernorm_modulate(x, shift, scale, self.impl))
+    def forward(self, x: Tensor, c: Tensor, pair: Optional[tuple[Tensor, Tensor]] = None):
+        with skeleton(x.device.type):
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            h = ops.layernorm_modulate(x, shift, scale, self.impl)
+            out = self.linear(h)
+            if pair is None:
+                return out
+            dx, dc = pair
+            dshift, dscale = modulation_difference(self.adaLN_modulation, c, dc).chunk(2, dim=1)
+            dh = secant(ops.layernorm_modulate_eager, (x, shift, scale), (dx, dshift, dscale))
+            return out, linear_difference(self.linear, dh)
 
 
 class DiT(nn.Module):
@@ -233,18 +341,31 @@ class DiT(nn.Module):
             if v.shape != (x.shape[0],):
                 raise ValueError(f"DiT input {name}: expected shape [{x.shape[0]}], got {list(v.shape)}")
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, y: Optional[Tensor] = None,
+                pair: Optional[tuple[Tensor, Tensor]] = None):
+        """F(x, t, s, y); with pair = (dx, dt) also F(x + dx, t + dt, s, y) - F(x, t, s, y) (no gradient)."""
         self._check(x, t, s)
-        c = self.t_embedder(t) + self.s_embedder(t - s)  # the second embedder sees t - s, not s
         if self.y_embedder is not None:
             if y is None:
                 if self.null_label is None:
                     raise ValueError("DiT: y is None but the model has no null label (trained without CFG)")
                 y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            c = c + self.y_embedder(y)
         elif y is not None:
             raise ValueError("DiT: labels were given to an unconditional model (num_classes 0)")
-        h = self.x_embedder(x) + self.pos_embed
+        dx, dt = pair if pair is not None else (None, None)
+        with skeleton(x.device.type):
+            # the second embedder sees t - s, not s (moving t by dt moves t - s by dt too)
+            ct, cs, h = self.t_embedder(t, dt), self.s_embedder(t - s, dt), self.x_embedder(x, dx)
+            c_label = self.y_embedder(y) if self.y_embedder is not None else 0
+        if pair is None:
+            c = ct + cs + c_label
+            h = h + self.pos_embed
+            for block in self.blocks:
+                h = block(h, c)
+            return self.unpatchify(self.final_layer(h, c))
+        c, state = ct[0] + cs[0] + c_label, (h[1], ct[1] + cs[1])
+        h = h[0] + self.pos_embed
         for block in self.blocks:
-            h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+            h, state = block(h, c, state)
+        out, d_out = self.final_layer(h, c, state)
+        return self.unpatchify(out), self.unpatchify(d_out)
