@@ -76,7 +76,7 @@ class TrainConfig:
     patch_size: Optional[int] = None
     kernels: str = "eager"                  # eager | triton | auto (= Triton on CUDA); eager by default: measured
     #                                         faster end to end on an H100 (README, "Measured")
-    precision: str = "auto"                 # auto (= bf16-split on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs)
+    precision: str = "auto"                 # auto (= bf16-secant on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs)
     #                                         | bf16 (all calls) | bf16-split | bf16-secant: soflow_fast/precision.py;
     #                                         a bf16 mode on a CPU runs the exact bf16 emulator
     optimizer: str = "auto"                 # auto (radam for CIFAR10, as the reference; else adamw) | adamw | radam

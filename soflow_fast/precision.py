@@ -4,12 +4,12 @@ The consistency quotient q = (f_t - f_l) / (t - l) divides the difference of two
 schedule shrinks to 0.2% of t - s, so rounding that differs between the F_t and F_l calls is amplified by 1/(t - l).
 A mode therefore says, per call of the step, whether it runs under bf16 autocast:
 
-| mode         | teacher (call 1) | FM rows of the gradient call | consistency pair (F_t rows, F_l) | skeleton |
-|--------------|------------------|------------------------------|----------------------------------|----------|
-| fp32         | fp32             | fp32                         | fp32                             | fp32     |
-| bf16         | bf16             | bf16                         | bf16                             | bf16     |
-| bf16-split   | bf16             | bf16                         | fp32                             | fp32     |
-| bf16-secant  | bf16             | bf16                         | bf16, F_l = F_t + dF (secant)    | fp32     |
+| mode         | teacher (call 1) | FM rows of the gradient call | consistency pair (F_t rows, F_l)  | skeleton |
+|--------------|------------------|------------------------------|-----------------------------------|----------|
+| fp32         | fp32             | fp32                         | fp32, two calls                   | fp32     |
+| bf16         | bf16             | bf16                         | bf16, two calls                   | bf16     |
+| bf16-split   | bf16             | bf16                         | fp32, two calls                   | fp32     |
+| bf16-secant  | bf16             | bf16                         | bf16, F_l = F_t + dF (the secant) | fp32     |
 
 "fp32" is TF32 on Ampere and newer GPUs (the reference's setting). The skeleton is the DiT's patch embedding, time
 and label embedders, adaLN modulation and final layer: few FLOPs, and the place where t and l enter. On CUDA the
@@ -28,7 +28,9 @@ import torch
 from . import emulate
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-split", "bf16-secant")
-AUTO_CUDA = "bf16-split"  # what `precision: auto` means on CUDA (docs/precision.md, section 4: measured choice)
+# What `precision: auto` means on CUDA (docs/precision.md section 4: the measured choice); networks without the
+# secant pair (the U-Net) get the split mode.
+AUTO_CUDA, AUTO_CUDA_NO_SECANT = "bf16-secant", "bf16-split"
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,13 @@ MODES = {
 }
 
 
-def resolve_precision(name: str, device: torch.device | str) -> Precision:
-    """'auto' -> the measured choice on CUDA, fp32 elsewhere; an explicit mode is taken as asked."""
+def resolve_precision(name: str, device: torch.device | str, secant: bool = True) -> Precision:
+    """'auto' -> the measured choice on CUDA, fp32 elsewhere; an explicit mode is taken as asked. `secant`: whether
+    the network has the secant pair (the DiT does)."""
     if name not in PRECISIONS:
         raise ValueError(f"precision: unknown value {name!r}; expected one of {list(PRECISIONS)}")
     if name == "auto":
-        name = AUTO_CUDA if torch.device(device).type == "cuda" else "fp32"
+        name = (AUTO_CUDA if secant else AUTO_CUDA_NO_SECANT) if torch.device(device).type == "cuda" else "fp32"
     mode = MODES[name]
     if mode.any_bf16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision: {name!r} needs bf16, which this GPU does not support")

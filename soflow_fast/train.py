@@ -161,12 +161,15 @@ class Trainer:
         self.accum = local // self.micro
         self.device = self.dist.device
         try:
-            self.precision = resolve_precision(cfg.precision, self.device)
+            self.precision = resolve_precision(cfg.precision, self.device, secant=cfg.model_type.startswith("DiT"))
         except ValueError as e:
             raise ConfigError(f"config: {e}") from None
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.compile and emulated(self.precision, self.device):
+            raise ConfigError(f"config: compile = true with precision {self.precision.name!r} on a CPU: the bf16 "
+                              "emulator runs eagerly; set compile: false, or precision: fp32")
         self.loader, in_ch, num_classes = dataset_for(cfg, self.dist)
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}

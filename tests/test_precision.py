@@ -110,7 +110,8 @@ def test_emulated_autocast_casts_like_cuda_autocast():
 def test_auto_is_fp32_on_cpu_and_the_chosen_mode_on_cuda(monkeypatch):
     assert resolve_precision("auto", "cpu") == MODES["fp32"]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_precision("auto", "cuda") == MODES[precision.AUTO_CUDA]
+    assert resolve_precision("auto", "cuda") == MODES[precision.AUTO_CUDA] == MODES["bf16-secant"]
+    assert resolve_precision("auto", "cuda", secant=False) == MODES["bf16-split"]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("auto", "cuda")
