@@ -9,7 +9,7 @@ On a CPU the GPU's rounding is emulated exactly (soflow_fast.emulate); on CUDA i
 Models: the digits DiT (trained weights from --checkpoint, else random non-zero weights), and DiT-XL/2's width and
 heads on 32x32x4 latents with random non-zero weights (--xl-depth blocks; 28 on a GPU, fewer on a CPU for time).
 
-    python benchmarks/precision.py [--checkpoint RUN_DIR] [--xl-depth N] [--rows B] [--json out.json]
+    python benchmarks/precision.py [--checkpoint RUN_DIR] [--xl-depth N] [--rows B] [--xl-rows B] [--json out.json]
 """
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a digits run directory or checkpoint (trained weights)")
     ap.add_argument("--xl-depth", type=int, default=None, help="DiT-XL/2 blocks (default: 28 on CUDA, 2 on CPU; 0 = skip)")
-    ap.add_argument("--rows", type=int, default=8, help="rows per step (default 8: 6 FM, 2 consistency)")
+    ap.add_argument("--rows", type=int, default=32, help="digits rows per step (default 32: 24 FM, 8 consistency)")
+    ap.add_argument("--xl-rows", type=int, default=8, help="XL/2 rows per step (default 8: 6 FM, 2 consistency)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     if xl_depth:
         xl = randomize(build_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, depth=xl_depth),
                        seed=0).to(device)
-        rows += measure(xl, f"XL/2 x{xl_depth}", args.rows, device, 2)
+        rows += measure(xl, f"XL/2 x{xl_depth}", args.xl_rows, device, 2)
     print(table(rows, device_name))
     if args.json:
         with atomic_open(args.json, "w") as fh:

@@ -173,7 +173,7 @@ def sample(net: Callable, flow: Flow, x1: Tensor, nfe: int = 1, y: Optional[Tens
         x0_hat = flow.solution(net, x, times[i] * ones, zeros, y)
         eps = renoise[i] if renoise is not None else torch.randn(x.shape, generator=generator, device=x.device,
                                                                  dtype=x.dtype)
-        tn = torch.tensor(times[i + 1])
+        tn = bcast(times[i + 1] * ones, x)  # in the sample's dtype: fp64 sampling keeps fp64 coefficients
         x = flow.alpha(tn) * x0_hat + flow.beta(tn) * eps
     return flow.solution(net, x, times[nfe - 1] * ones, zeros, y)
 

@@ -126,3 +126,27 @@ def test_sampling_matches_section_7(nfe):
     tl = T[nfe - 1] * ones
     want = R.v4(R.a("trig", tl, 0 * ones)) * x + R.v4(R.b("trig", tl, 0 * ones)) * net(x, tl, 0 * ones, None)
     torch.testing.assert_close(sample(net, f, x1, nfe, renoise=eps), want, rtol=1e-12, atol=1e-12)
+
+
+def test_fp64_sampling_uses_fp64_renoise_coefficients():
+    """The re-noise coefficients alpha(T_i), beta(T_i) are computed in the sample's dtype: in fp64 the 3-NFE sample
+    equals the fp64 formula to fp64 rounding (fp32 coefficients would be off by ~1e-8). The default dtype is fp32
+    here, as in a user's process (this module's fixture makes it fp64 elsewhere, which would hide the defect)."""
+    torch.set_default_dtype(torch.float32)
+    f = Flow("trig", "trig")
+
+    def net(x, t, s, y):
+        return torch.sin(x) * (1 + t - s).view(-1, 1, 1, 1)
+
+    x1 = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    eps = [torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(2)]
+    ones, T = torch.ones(2, dtype=torch.float64), [1.0, 2 / 3, 1 / 3]
+    x = x1
+    for i in range(2):
+        x0 = f.solution(net, x, T[i] * ones, 0 * ones)
+        x = math.cos(math.pi * T[i + 1] / 2) * x0 + math.sin(math.pi * T[i + 1] / 2) * eps[i]
+    want = f.solution(net, x, T[2] * ones, 0 * ones)
+    got = sample(net, f, x1, 3, renoise=eps)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max() < 1e-14
+
