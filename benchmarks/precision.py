@@ -66,13 +66,13 @@ def step_q(model, mode_name: str, x0, y, noise, hp: SoFlowHParams, device, backw
     qs: list = []
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode_name != "fp32 (IEEE)"
-    em = emulate.BF16Emulator(tf32=mode_name != "fp32 (IEEE)") if not cuda else contextlib.nullcontext()
-    with em, capture_q(qs):
+    counter = emulate.GemmCounter() if cuda else emulate.BF16Emulator(tf32=mode_name != "fp32 (IEEE)")
+    with counter, capture_q(qs):
         out = soflow_loss(model, Flow(), hp, x0, y, noise, step=0, null_label=model.null_label, precision=mode)
         if backward:
             out.loss.backward()
     model.zero_grad(set_to_none=True)
-    return qs[0], (em.bf16_fraction if backward and not cuda else None)
+    return qs[0], (counter.bf16_fraction if backward else None)
 
 
 def rel_error(q, ref) -> float:

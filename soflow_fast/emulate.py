@@ -70,7 +70,13 @@ def round_tf32(x: Tensor) -> Tensor:
 
 
 def gemm_flops(func, args: tuple, out) -> int:
-    """FLOPs (2 per multiply-accumulate) of one GEMM-class aten op, for the bf16 share of a step."""
+    """FLOPs (2 per multiply-accumulate) of one GEMM-class aten op, for the bf16 share of a step. Attention of any
+    backend (CPU or CUDA kernels) is counted as self-attention from its first [B, H, T, Dh] tensor."""
+    name = func.__name__
+    if "scaled_dot_product" in name or "attention" in name:
+        q = next(a for a in args if isinstance(a, Tensor) and a.dim() == 4)
+        per = 2 * 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]  # QK^T and PV
+        return 2 * per if "backward" in name else per
     if func in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
         a, b = (args[0], args[1]) if func in (aten.mm.default, aten.bmm.default) else (args[1], args[2])
         return 2 * a.numel() * b.shape[-1]
@@ -80,11 +86,37 @@ def gemm_flops(func, args: tuple, out) -> int:
     if func == aten.convolution_backward.default:
         grad, w = args[0], args[2]
         return 2 * 2 * grad.numel() * w[0].numel()  # input and weight gradients
-    if func in ATTENTION_OPS:
-        q, k = args[0], args[1]  # [B, H, T, Dh]
-        per = 2 * 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]  # QK^T and PV
-        return per if func == aten._scaled_dot_product_flash_attention_for_cpu.default else 2 * per
     return 0
+
+
+class FlopTally:
+    """GEMM-class FLOPs of the ops seen, by whether they ran in bf16."""
+
+    def __init__(self):
+        self.flops = {"bf16": 0, "fp32": 0}
+
+    def count(self, flops: int, bf16: bool) -> None:
+        self.flops["bf16" if bf16 else "fp32"] += flops
+
+    @property
+    def bf16_fraction(self) -> float:
+        total = self.flops["bf16"] + self.flops["fp32"]
+        return self.flops["bf16"] / total if total else 0.0
+
+
+class GemmCounter(FlopTally, TorchDispatchMode):
+    """Counts GEMM-class FLOPs without changing any computation: for a GPU, where the rounding is real (under the
+    emulator, BF16Emulator counts the same way)."""
+
+    def __init__(self):
+        FlopTally.__init__(self)
+        TorchDispatchMode.__init__(self)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        bf16 = any(isinstance(a, Tensor) and a.dtype == torch.bfloat16 for a in args)
+        self.count(gemm_flops(func, args, out[0] if isinstance(out, (tuple, list)) else out), bf16)
+        return out
 
 
 class _State(threading.local):
@@ -98,7 +130,8 @@ _state = _State()
 class _Autocast(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _state.autocast:
+        # Python backward functions (custom ops) run without autocast, as backward does on CUDA.
+        if _state.autocast and torch._C._current_autograd_node() is None:
             if func in AUTOCAST_BF16:
                 args, kwargs = tree_map(_to(torch.float32, torch.bfloat16), (args, kwargs))
             elif func in AUTOCAST_FP32:
@@ -124,9 +157,7 @@ class _Hardware(TorchDispatchMode):
         if bf16:
             up = tree_map(lambda a: a.to(torch.bfloat16).float()
                           if isinstance(a, Tensor) and a.is_floating_point() else a, (args, kwargs))
-            out = func(*up[0], **up[1])
-            keep = GEMM_OPS[func]
-            out = _round_outputs(out, keep)
+            out = _round_outputs(func(*up[0], **up[1]), GEMM_OPS[func])
         elif self.owner.tf32 and func not in ATTENTION_OPS and all(a.dtype == torch.float32 for a in tensors):
             up = tree_map(lambda a: round_tf32(a) if isinstance(a, Tensor) and a.is_floating_point() else a,
                           (args, kwargs))
@@ -145,7 +176,7 @@ def _round_outputs(out, keep: Optional[tuple[int, ...]]):
                      and (keep is None or i in keep) else o for i, o in enumerate(out))
 
 
-class BF16Emulator:
+class BF16Emulator(FlopTally):
     """Context manager: run PyTorch code on the CPU with a CUDA GPU's bf16-autocast / TF32 rounding.
 
     `tf32`: fp32 GEMMs round their inputs to TF32 (the fp32 mode's `allow_tf32`). Autocast regions are opened with
@@ -154,17 +185,9 @@ class BF16Emulator:
     """
 
     def __init__(self, tf32: bool = True):
+        super().__init__()
         self.tf32 = tf32
-        self.flops = {"bf16": 0, "fp32": 0}
         self._stack = contextlib.ExitStack()
-
-    def count(self, flops: int, bf16: bool) -> None:
-        self.flops["bf16" if bf16 else "fp32"] += flops
-
-    @property
-    def bf16_fraction(self) -> float:
-        total = self.flops["bf16"] + self.flops["fp32"]
-        return self.flops["bf16"] / total if total else 0.0
 
     def __enter__(self) -> "BF16Emulator":
         if _state.emulator is not None:
