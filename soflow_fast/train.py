@@ -43,6 +43,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, 
                     "A10": 125.0, "L4": 121.0}
 
 
+# The last key of derived_seed for a micro-batch's dropout seed: a stream apart from its noise generator's.
+DROPOUT_STREAM = 1
+
+
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss or gradient (and on_nonfinite is 'stop')."""
 
@@ -278,9 +282,10 @@ class Trainer:
         for a in range(self.accum):
             rows = slice(a * self.micro, (a + 1) * self.micro)
             xm, ym = x0[rows], None if y is None else y[rows]
-            gen = torch.Generator(self.device).manual_seed(  # keyed by the GLOBAL micro-batch index
-                derived_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
-            noise = draw_noise(self.hp, xm, guided, gen)
+            index = self.dist.rank * self.accum + a  # the GLOBAL micro-batch index keys the randomness
+            gen = torch.Generator(self.device).manual_seed(derived_seed(self.cfg.seed, self.step, index))
+            noise = draw_noise(self.hp, xm, guided, gen,
+                               dropout_seed=derived_seed(self.cfg.seed, self.step, index, DROPOUT_STREAM))
             aug = None
             if self.augment is not None:
                 xm, aug = self.augment(xm, gen)
