@@ -85,7 +85,8 @@ class TrainConfig:
     augment_p: Optional[float] = None       # EDM augmentation probability (None = auto: 0.12 for CIFAR10, else 0)
     grad_clip: float = 0.0                  # max grad norm (0 = no clipping; the norm is logged either way)
     ema_warmup: bool = False                # decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs
-    on_nonfinite: str = "stop"              # stop | skip: what a non-finite loss or gradient does
+    on_nonfinite: str = "stop"              # stop | skip: a non-finite loss or gradient's update is skipped on the
+    #                                         device; stop raises at the next logging step or checkpoint
     keep_checkpoints: int = 3               # most recent checkpoints kept (0 = all)
     quality_report: bool = True             # digits: the classifier-based report at the end
     device: str = "auto"                    # auto | cpu | cuda

@@ -11,13 +11,16 @@ Interchangeable backends, picked by `build_optimizer(kind, ...)`:
 - 'apex': NVIDIA apex's FusedAdam (adam_w_mode) with the separate EMA, only if real NVIDIA apex is
   installed (the PyPI package called `apex` is an unrelated project).
 
-`step_with_ema(optimizer, ema_params, params, decay)` is the one call a trainer needs for any of them.
+`step_with_ema(optimizer, ema_params, params, decay)` is the one call a trainer needs for any of them. Given a
+`found_inf` flag (a non-finite gradient), it skips the whole update on the device, so the host never reads the
+flag: see `optimizer_step`.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 try:
     from . import _fused_optim
@@ -51,13 +54,20 @@ def optimizer_backends() -> dict:
 
 
 @torch.no_grad()
-def ema_update_(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float) -> None:
-    """ema = decay*ema + (1-decay)*param, in place, in fp32 (ema tensors are fp32)."""
+def ema_update_(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float,
+                skip: Optional[Tensor] = None) -> None:
+    """ema = decay*ema + (1-decay)*param, in place, in fp32 (ema tensors are fp32). `skip` (a 0-dim fp32 flag on the
+    device, 1.0 = skip) turns the weight 1-decay into 0 on the device: ema + 0*(param - ema) is ema exactly for
+    finite values."""
     ema_params, params = list(ema_params), list(params)
     if not ema_params:
         return
     src = [p.detach().float() for p in params]  # no copy for fp32 params
-    torch._foreach_lerp_(ema_params, src, 1.0 - decay)
+    if skip is None:
+        torch._foreach_lerp_(ema_params, src, 1.0 - decay)
+    else:
+        weight = (1.0 - skip) * (1.0 - decay)
+        torch._foreach_lerp_(ema_params, src, [weight] * len(ema_params))
 
 
 class FusedAdamWEMA(torch.optim.Optimizer):
@@ -146,13 +156,14 @@ def build_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_
                     ema_decay: float = 0.9999) -> torch.optim.Optimizer:
     """The optimizer for `kind`; `ema_params` are only handed to 'fused_adamw_ema' (which updates them)."""
     params = list(params)
+    tensors = [t for g in params for t in g["params"]] if params and isinstance(params[0], dict) else params
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     if kind == "adamw":
-        tensors = [t for g in params for t in g["params"]] if params and isinstance(params[0], dict) else params
-        on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         flag = {"fused": True} if on_cuda else {"foreach": True}
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flag)
     if kind == "radam":  # the reference's CIFAR-10 optimizer, with its (L2-style) weight decay as the reference
-        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # capturable on CUDA: the step count then lives on the GPU, where a skipped step can undo it without a sync
+        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=on_cuda)
     if kind == "fused_adamw_ema":
         return FusedAdamWEMA(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              ema_decay=ema_decay, ema_params=ema_params)
@@ -166,14 +177,62 @@ def build_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_
     raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {KINDS}")
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: Optional[Tensor] = None, **kwargs) -> None:
+    """optimizer.step(**kwargs); a no-op, decided on the device, when `found_inf` (a 0-dim fp32 tensor on the
+    parameters' device) is 1.0: the parameters and the optimizer's tensor state keep their values, bit for bit.
+
+    torch's fused optimizers ('adamw' on CUDA) take the flag themselves, through the attributes GradScaler sets
+    (their kernels return early and they undo their step-count increment). Any other optimizer steps on a snapshot:
+    each tensor it writes goes back to its saved value where the flag is set; state tensors a first step creates go
+    back to zero, their starting value in every optimizer of KINDS. The snapshot costs a copy of the parameters and
+    state per step. A step count kept as a Python int (FusedAdamWEMA, apex) lives on the host and cannot wait for the
+    flag without a sync: there, a skipped step still counts.
+    """
+    if found_inf is None:
+        optimizer.step(**kwargs)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        try:
+            optimizer.step(**kwargs)
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    else:
+        _step_or_restore(optimizer, found_inf, kwargs)
+
+
+def _written(optimizer: torch.optim.Optimizer) -> dict[tuple[int, str], Tensor]:
+    """The tensors a step writes, by (parameter index, state key; '' for the parameter itself)."""
+    slots: dict[tuple[int, str], Tensor] = {}
+    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        slots[i, ""] = p
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                slots[i, key] = value
+    return slots
+
+
+@torch.no_grad()
+def _step_or_restore(optimizer: torch.optim.Optimizer, found_inf: Tensor, kwargs: dict) -> None:
+    saved = {slot: t.clone() for slot, t in _written(optimizer).items()}
+    optimizer.step(**kwargs)
+    skip = found_inf.bool()
+    for slot, t in _written(optimizer).items():
+        before = saved.get(slot)
+        if before is None:
+            t.masked_fill_(skip, 0.0)
+        else:
+            torch.where(skip, before, t, out=t)
+
+
 def step_with_ema(optimizer: torch.optim.Optimizer, ema_params: Sequence[torch.Tensor],
-                  params: Sequence[torch.Tensor], decay: float) -> None:
-    """optimizer.step() then the EMA update, fused when the optimizer is FusedAdamWEMA.
+                  params: Sequence[torch.Tensor], decay: float, found_inf: Optional[Tensor] = None) -> None:
+    """optimizer.step() then the EMA update, fused when the optimizer is FusedAdamWEMA; with `found_inf` set (see
+    `optimizer_step`) neither changes anything.
 
     For FusedAdamWEMA, `ema_params` must be the tensors it was built with (its own EMA otherwise).
     """
     if isinstance(optimizer, FusedAdamWEMA):
-        optimizer.step(ema_decay=decay)
+        optimizer_step(optimizer, found_inf, ema_decay=decay)  # its EMA is optimizer state: restored with the rest
     else:
-        optimizer.step()
-        ema_update_(ema_params, params, decay)
+        optimizer_step(optimizer, found_inf)
+        ema_update_(ema_params, params, decay, skip=found_inf)

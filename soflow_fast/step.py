@@ -69,8 +69,10 @@ class StepNoise:
     dropout_seed: int = 0
 
 
-def draw_noise(hp: SoFlowHParams, x0: Tensor, guided: bool, generator: Optional[torch.Generator] = None) -> StepNoise:
-    """Draw one step's randomness from `generator` (on x0's device)."""
+def draw_noise(hp: SoFlowHParams, x0: Tensor, guided: bool, generator: Optional[torch.Generator] = None,
+               dropout_seed: int = 0) -> StepNoise:
+    """Draw one step's randomness from `generator` (on x0's device). `dropout_seed` is a host int (the trainer derives
+    one per step and micro-batch), not a draw: reading a draw back to the host would wait for the device."""
     B, dev = x0.shape[0], x0.device
     n_fm, n_c = hp.split(B)
     x1 = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32)
@@ -79,8 +81,7 @@ def draw_noise(hp: SoFlowHParams, x0: Tensor, guided: bool, generator: Optional[
     t_draw = logit_normal(n_c, hp.time_mean[2], hp.time_std[2], generator=generator, device=dev)
     u = torch.rand(B, generator=generator, device=dev)
     mask = (u < hp.cfg_drop_rate) if guided else torch.zeros(B, dtype=torch.bool, device=dev)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
-    return StepNoise(x1, t_fm, s_draw, t_draw, mask, seed)
+    return StepNoise(x1, t_fm, s_draw, t_draw, mask, dropout_seed)
 
 
 def is_stochastic(net: nn.Module) -> bool:

@@ -4,6 +4,11 @@ Runs as one process or under torchrun (parallel: ddp | fsdp). The global batch i
 W ranks takes B/W rows, in micro-batches of micro_batch_size with gradient accumulation. Each micro-batch is split
 into FM and consistency rows as the reference splits each GPU's batch, and its randomness is drawn from a generator
 seeded by (seed, step, micro-batch index), so a run is reproducible, and resumable exactly, on any world size.
+
+A step never waits for the device (no host read of a device value; the EDM augmentation, data/augment.py, excepted),
+so the host can queue steps ahead of the GPU. A non-finite loss or gradient norm sets a device flag that makes that
+step's optimizer and EMA updates no-ops; the statistics and the count of such steps are summed on the device and read
+only at logging steps and saves, where on_nonfinite 'stop' raises (`_DeviceStats`, `Trainer._take_nonfinite`).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from .flow import derived_seed, sample
 from .images import save_grid, to_uint8_nhwc
 from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
-from .optim import build_optimizer, optimizer_backends, step_with_ema
+from .optim import build_optimizer, optimizer_backends, optimizer_step, step_with_ema
 from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, unwrap
 from .precision import emulated, numerics, region, resolve_precision
 from .step import draw_noise, soflow_loss
@@ -41,6 +46,10 @@ log = logging.getLogger("soflow_fast")
 # Dense bf16 peak TFLOP/s per device, for MFU (fp32 runs use TF32, half of it). Match on the CUDA device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
                     "A10": 125.0, "L4": 121.0}
+
+
+# The last key of derived_seed for a micro-batch's dropout seed: a stream apart from its noise generator's.
+DROPOUT_STREAM = 1
 
 
 class NonFiniteError(RuntimeError):
@@ -143,6 +152,51 @@ def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> Optional[f
     return None
 
 
+class _DeviceStats:
+    """Step statistics summed on the device between host reads, so that a step never waits for the device.
+
+    A step adds its statistics unless its flag `found_inf` is set; such a step is counted instead, and the first one's
+    step number, (rank-averaged) loss and gradient norm kept for the message. Sums are fp64: the values are fp32.
+    """
+
+    def __init__(self, device: torch.device):
+        self.keys: list[str] = []
+        self.sums: Optional[Tensor] = None  # [len(keys)]: sums over the finite steps since the last take_window
+        self.finite = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad = torch.zeros(4, dtype=torch.float64, device=device)  # count, then the first's step, loss, |g|
+
+    def add(self, keys: list[str], values: Tensor, found_inf: Tensor, check: Tensor, step: int) -> None:
+        """values [len(keys)]: one step's statistics; check: [loss, grad norm] as tested for finiteness; step: the
+        step's number."""
+        values = values.double()
+        if self.sums is None:
+            self.keys, self.sums = keys, torch.zeros_like(values)
+        skip = found_inf.bool()
+        self.sums += torch.where(skip, 0.0, values)
+        self.finite += 1 - found_inf
+        first = skip & (self.bad[0] == 0)
+        self.bad[1] = torch.where(first, float(step), self.bad[1])
+        self.bad[2:] = torch.where(first, check.double(), self.bad[2:])
+        self.bad[0] += found_inf
+
+    def take_window(self) -> tuple[dict[str, float], int]:
+        """(mean of each statistic over the finite steps, averaged over ranks; their number) since the last call.
+        A host read, and a collective under torchrun."""
+        if self.sums is None:
+            return {}, 0
+        *sums, n = torch.cat([all_reduce_mean(self.sums), self.finite[None]]).tolist()
+        self.sums.zero_()
+        self.finite.zero_()
+        return ({k: v / n for k, v in zip(self.keys, sums)} if n else {}), int(n)
+
+    def take_nonfinite(self) -> tuple[int, int, float, float]:
+        """(count, first step, its loss, its gradient norm) of the non-finite steps since the last call (a host read;
+        the same on every rank: the flag is decided on all-reduced values)."""
+        count, step, loss, grad_norm = self.bad.tolist()
+        self.bad.zero_()
+        return int(count), int(step), loss, grad_norm
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Optional[str | os.PathLike] = None):
         self.cfg = cfg
@@ -199,7 +253,8 @@ class Trainer:
         self.trainable = [p for p in self.params if p.requires_grad]
         self.flow, self.hp = cfg.flow, cfg.hparams
         self.step = 0
-        self.skipped = 0
+        self.skipped = 0  # non-finite steps so far, as of the last host read (`_take_nonfinite`)
+        self._stats = _DeviceStats(self.device)
         macs = getattr(self.net.cfg, "forward_macs", None)  # known for the DiT (SOFLOW.md section 8)
         self.flops_per_step = 2 * macs() * self.hp.forward_equivalents(
             self.micro, num_classes > 0 and self.hp.cfg_scale > 1) * self.accum * W if macs else None
@@ -225,6 +280,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Collective: a DCP checkpoint of this step (every rank writes its shards)."""
+        self._take_nonfinite()  # the meta's skipped count; a sync point anyway
         path = ckpt_io.checkpoint_dir(self.run_dir, self.step)
         ckpt_io.save_training_checkpoint(path, self._dcp_state(), self._meta(), self.dist.is_main)
         if self.dist.is_main:
@@ -269,18 +325,21 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, x0: Tensor, y: Optional[Tensor]) -> Optional[dict[str, float]]:
-        """One optimizer step on this rank's rows; returns its statistics (None when a non-finite step is skipped)."""
+    def train_step(self, x0: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
+        """One optimizer step on this rank's rows, with no host read of a device value. Returns this rank's statistics
+        as 0-dim device tensors: the loss terms, grad_norm, and nonfinite (1.0 when the loss or gradient norm was not
+        finite: then the optimizer and EMA updates were no-ops, and the next `_take_nonfinite` reports the step)."""
         self.model.train()
         guided = y is not None and self.hp.cfg_scale > 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Tensor] = {}
+        values = None
         for a in range(self.accum):
             rows = slice(a * self.micro, (a + 1) * self.micro)
             xm, ym = x0[rows], None if y is None else y[rows]
-            gen = torch.Generator(self.device).manual_seed(  # keyed by the GLOBAL micro-batch index
-                derived_seed(self.cfg.seed, self.step, self.dist.rank * self.accum + a))
-            noise = draw_noise(self.hp, xm, guided, gen)
+            index = self.dist.rank * self.accum + a  # the GLOBAL micro-batch index keys the randomness
+            gen = torch.Generator(self.device).manual_seed(derived_seed(self.cfg.seed, self.step, index))
+            noise = draw_noise(self.hp, xm, guided, gen,
+                               dropout_seed=derived_seed(self.cfg.seed, self.step, index, DROPOUT_STREAM))
             aug = None
             if self.augment is not None:
                 xm, aug = self.augment(xm, gen)
@@ -288,35 +347,52 @@ class Trainer:
                 out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
                                   loss_impl=self.net.cfg.kernels, augment_labels=aug, precision=self.precision)
                 (out.loss / self.accum).backward()
-            for k, v in {"loss": out.loss.detach(), **out.stats}.items():
-                stats[k] = stats.get(k, 0.0) + v.float() / self.accum
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-        check = all_reduce_mean(torch.stack([stats["loss"], grad_norm.float()]))
-        if not bool(torch.isfinite(check).all()):
-            what = f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(check[0]) else 'gradient norm'}"
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.cfg.on_nonfinite == "stop":
-                raise NonFiniteError(f"{what} ({check[0].item()}); the weights were not updated. "
-                                     "Lower learning_rate, set grad_clip, or set on_nonfinite: skip")
-            log.warning("%s: step skipped", what)
-            self.skipped += 1
-            self.step += 1
-            return None
+            part = torch.stack([out.loss.detach(), *out.stats.values()]).float() / self.accum
+            values = part if values is None else values + part
+        grad_norm = full_tensor(self._grad_norm()).float()
+        check = all_reduce_mean(torch.stack([values[0], grad_norm]))
+        found_inf = torch.isfinite(check).all().logical_not().float()
         with torch.no_grad():
-            if self.ema_every == 1:
-                step_with_ema(self.optimizer, self.ema, [p.detach() for p in self.params],
-                              ema_decay(self.cfg, self.step))
-            else:
-                self.optimizer.step()
-                if self.step % self.ema_every == 0:  # the reference's CIFAR EMA: decay^N, computed in float64
-                    d = ema_decay(self.cfg, self.step) ** self.ema_every
-                    for e, p in zip(self.ema, self.params):
-                        e.copy_((d * e.double() + (1 - d) * p.detach().double()).float())
+            self._update(found_inf)
+        keys, values = ["loss", *out.stats, "grad_norm"], torch.cat([values, grad_norm[None]])
+        self._stats.add(keys, values, found_inf, check, self.step + 1)
         self.step += 1
-        keys = sorted(stats)
-        values = all_reduce_mean(torch.stack([stats[k] for k in keys]))
-        return {**dict(zip(keys, values.tolist())), "grad_norm": grad_norm.item()}
+        return {**dict(zip(keys, values)), "nonfinite": found_inf}
+
+    def _grad_norm(self) -> Tensor:
+        """The gradients' total norm, after clipping them to grad_clip; without grad_clip they are left untouched
+        (clipping to an infinite norm would still scale every gradient by 1)."""
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
+
+    def _update(self, found_inf: Tensor) -> None:
+        """The optimizer step and the EMA update, both no-ops on the device where found_inf is 1."""
+        if self.ema_every == 1:
+            step_with_ema(self.optimizer, self.ema, self.params, ema_decay(self.cfg, self.step), found_inf)
+            return
+        optimizer_step(self.optimizer, found_inf)
+        if self.step % self.ema_every == 0:  # the reference's CIFAR EMA: decay^N, computed in float64
+            d = ema_decay(self.cfg, self.step) ** self.ema_every
+            skip = found_inf.bool()
+            for e, p in zip(self.ema, self.params):
+                e.copy_(torch.where(skip, e, (d * e.double() + (1 - d) * p.detach().double()).float()))
+
+    def _take_nonfinite(self) -> None:
+        """Read the non-finite steps since the last read (a host sync: at logging steps and saves) into
+        self.skipped; with on_nonfinite 'stop', raise NonFiniteError. Their updates were skipped on the device, so
+        they never touched the weights, the optimizer state or the EMA; finite steps after them, up to this read,
+        did update them."""
+        count, step, loss, grad_norm = self._stats.take_nonfinite()
+        if not count:
+            return
+        self.skipped += count
+        what = f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+        if self.cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"{what} ({loss}); the weights were not updated by it (skipped on the device; found "
+                                 f"at step {self.step}, {count} non-finite step(s) since the last check). "
+                                 "Lower learning_rate, set grad_clip, or set on_nonfinite: skip")
+        log.warning("%s: step skipped (%d non-finite step(s) skipped up to step %d)", what, count, self.step)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None, progress: bool = True) -> None:
@@ -334,19 +410,14 @@ class Trainer:
                      self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)
-        acc: dict[str, float] = {}
-        n_acc, t0 = 0, time.perf_counter()
+        loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
         while self.step < end:
             x0, y = self.loader.next()
-            stats = self.train_step(x0, y)
-            if stats is not None:
-                for k, v in stats.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                n_acc += 1
-            bar(self.step, stats)
+            self.train_step(x0, y)
             if self.step % cfg.logging_steps == 0 or self.step == end:
-                self._log_metrics(acc, n_acc, time.perf_counter() - t0)
-                acc, n_acc, t0 = {}, 0, time.perf_counter()
+                rec = self._log_metrics(time.perf_counter() - t0)
+                loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()
+            bar(self.step, loss)
             if cfg.eval_demo_steps and self.step % cfg.eval_demo_steps == 0:
                 self.sample_grid()
             if cfg.eval_steps and cfg.eval_fid_reference and self.step % cfg.eval_steps == 0:
@@ -355,7 +426,11 @@ class Trainer:
                 self.save()
         bar(None, None)
 
-    def _log_metrics(self, acc: dict[str, float], n: int, elapsed: float) -> None:
+    def _log_metrics(self, elapsed: float) -> Optional[dict]:
+        """Read the statistics summed on the device since the last log and append their means to metrics.jsonl
+        (collective); returns the record on the main rank."""
+        self._take_nonfinite()
+        means, n = self._stats.take_window()
         # every rank's peak, gathered by a sum over one-hot slots (works on gloo and NCCL alike)
         mem = torch.zeros(self.dist.world_size, device=self.device if self.device.type == "cuda" else "cpu")
         mem[self.dist.rank] = _peak_memory_gb(self.device)
@@ -364,11 +439,10 @@ class Trainer:
         per_rank = [round(m, 3) for m in mem.tolist()]
         peak_mem = max(per_rank)
         if not self.dist.is_main:
-            return
-        steps = max(n, 1)
+            return None
         per_s = n / max(elapsed, 1e-9)
         tflops = self.flops_per_step * per_s / 1e12 if self.flops_per_step else None
-        rec = {"step": self.step, **{k: v / steps for k, v in acc.items()}, "images_per_s": per_s * self.cfg.batch_size,
+        rec = {"step": self.step, **means, "images_per_s": per_s * self.cfg.batch_size,
                "images_per_s_per_device": per_s * self.cfg.batch_size / self.dist.world_size,
                "model_tflops": tflops, "mfu": tflops * 1e12 / self.dist.world_size / self.peak
                if self.peak and tflops else None,
@@ -382,6 +456,7 @@ class Trainer:
                  rec.get("mse_fm", nan), rec.get("weight_fm", nan), rec.get("loss_c", nan), rec.get("mse_c", nan),
                  rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops or nan,
                  f" (MFU {rec['mfu']:.1%})" if rec["mfu"] else "", peak_mem)
+        return rec
 
     def ema_module(self) -> torch.nn.Module:
         """A plain network holding the whole EMA weights (collective under FSDP: every rank must call it)."""
@@ -470,7 +545,7 @@ def _progress(start: int, end: int, enabled: bool) -> Callable:
     tty = sys.stderr.isatty()
     t0, first = time.perf_counter(), start
 
-    def update(step: Optional[int], stats: Optional[dict]) -> None:
+    def update(step: Optional[int], loss: Optional[float]) -> None:
         if not enabled:
             return
         if step is None:
@@ -483,8 +558,8 @@ def _progress(start: int, end: int, enabled: bool) -> Callable:
         rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
         eta = (end - step) / rate if rate > 0 else float("nan")
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        loss = f" loss {stats['loss']:.4f}" if stats else ""
-        line = f"[{bar}] {step}/{end} {rate:.1f} it/s eta {eta:.0f}s{loss}"
+        shown = f" loss {loss:.4f}" if loss is not None else ""
+        line = f"[{bar}] {step}/{end} {rate:.1f} it/s eta {eta:.0f}s{shown}"
         sys.stderr.write("\r" + line if tty else line + "\n")
         sys.stderr.flush()
 

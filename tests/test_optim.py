@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from soflow_fast import optim
-from soflow_fast.optim import FusedAdamWEMA, build_optimizer, ema_update_, optimizer_backends
+from soflow_fast.optim import FusedAdamWEMA, build_optimizer, ema_update_, optimizer_backends, step_with_ema
 
 needs_ext = pytest.mark.skipif(optim._fused_optim is None, reason=optim.BUILD_HINT)
 HAS_CUDA_KERNEL = torch.cuda.is_available() and optimizer_backends()["fused_adamw_ema_cuda"]
@@ -178,3 +178,53 @@ def test_ema_update_is_fp32_lerp():
     ema, p = [torch.zeros(5)], [torch.ones(5, dtype=torch.bfloat16)]
     ema_update_(ema, p, 0.75)
     torch.testing.assert_close(ema[0], torch.full((5,), 0.25))
+
+
+def _guarded_optimizer(kind, params, ema):
+    if kind == "torch_fused_adamw":  # the CUDA 'adamw' (fused), here on the CPU: it takes found_inf itself
+        return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.99), weight_decay=0.05, fused=True)
+    return build_optimizer(kind, params, lr=LR, betas=(0.9, 0.99), weight_decay=0.05, ema_params=ema,
+                           ema_decay=EMA_DECAY)
+
+
+def _tensors(params, opt, ema):
+    """(params and EMA, the optimizer's tensor state by (param index, key)), cloned."""
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    return [p.detach().clone() for p in params] + [e.clone() for e in ema], state
+
+
+@pytest.mark.parametrize("kind", ["adamw", "radam", "torch_fused_adamw",
+                                  pytest.param("fused_adamw_ema", marks=needs_ext)])
+def test_found_inf_makes_the_step_a_noop_on_the_device(kind):
+    """step_with_ema(found_inf=1) with NaN gradients leaves params, optimizer state and EMA as they were, also on a
+    first step (state it creates is zero, its starting value); found_inf=0 changes nothing against no flag. So a run
+    with NaN steps skipped equals one without them (FusedAdamWEMA's host step count excepted: it counts them)."""
+    init = _params("cpu")
+    grads_per_step = [_grads(init, k, torch.float32) for k in range(4)]
+    nan = [torch.full_like(g, float("nan")) for g in grads_per_step[0]]
+    plain = [(g, None) for g in grads_per_step]
+    with_skips = [(nan, 1.0), (grads_per_step[0], 0.0), (grads_per_step[1], 0.0), (nan, 1.0),
+                  (grads_per_step[2], 0.0), (grads_per_step[3], 0.0)]
+    runs = []
+    for schedule in (plain, with_skips):
+        params = [p.clone().requires_grad_() for p in init]
+        ema = [p.clone() for p in init]
+        opt = _guarded_optimizer(kind, params, ema)
+        for grads, flag in schedule:
+            before, state_before = _tensors(params, opt, ema)
+            for p, g in zip(params, grads):
+                p.grad = g
+            step_with_ema(opt, ema, params, EMA_DECAY, None if flag is None else torch.tensor(flag))
+            if flag == 1.0:
+                after, state_after = _tensors(params, opt, ema)
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
+                assert state_after.keys() >= state_before.keys() and len(state_after) > 0
+                for slot, t in state_after.items():  # state a first step created holds its starting value, zero
+                    assert torch.equal(t, state_before[slot]) if slot in state_before else not t.any()
+        runs.append(_tensors(params, opt, ema))
+        if kind == "fused_adamw_ema":  # its step count is a host int: the skipped steps count
+            assert {opt.state[p]["step"] for p in params} == {len(schedule)}
+    if kind != "fused_adamw_ema":
+        (params_a, state_a), (params_b, state_b) = runs
+        assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+        assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
