@@ -16,6 +16,7 @@ import yaml
 from .flow import L_SCHEDULES, Flow
 from .models import is_model_type
 from .ops import KERNEL_MODES
+from .parallel import COMPILE_MODES
 from .precision import PRECISIONS
 from .step import SoFlowHParams
 
@@ -93,7 +94,10 @@ class TrainConfig:
     parallel: str = "none"                  # none | ddp | fsdp (FSDP2: bf16 params/compute, fp32 reduction)
     micro_batch_size: int = 0               # rows per forward on a rank (0 = batch_size / world); the rest accumulates
     activation_checkpointing: bool = False  # recompute each DiT block in the backward
-    compile: bool = False                   # torch.compile each DiT block
+    compile: str = "auto"                   # auto (= model on CUDA, none elsewhere) | none | blocks (torch.compile
+    #                                         each DiT block) | model (the whole network; per block under FSDP)
+    reshard_after_forward: bool | str = "auto"  # FSDP2 blocks free their gathered weights after each forward:
+    #                                         auto (= false on one node, <= 8 ranks; true beyond) | true | false
     peak_tflops: float = 0.0                # per-device peak for MFU (0 = from the table of known devices)
 
     # ---------------------------------------------------------------------------------------------
@@ -192,9 +196,13 @@ class TrainConfig:
         for key, allowed in (("kernels", KERNEL_MODES), ("precision", PRECISIONS),
                              ("optimizer", ("auto", "adamw", "radam", "fused_adamw_ema", "apex")),
                              ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda")),
-                             ("parallel", ("none", "ddp", "fsdp"))):
+                             ("parallel", ("none", "ddp", "fsdp")), ("compile", COMPILE_MODES)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {list(allowed)}")
+        if not (isinstance(self.reshard_after_forward, bool) or self.reshard_after_forward == "auto"):
+            raise bad("reshard_after_forward", "expected auto, true or false")
+        if self.compile == "blocks" and not self.model_type.startswith("DiT"):
+            raise bad("compile", "'blocks' compiles each DiT block; the U-Net has none: use model")
         if bool(self.eval_fid_reference) != bool(self.eval_inception):
             raise bad("eval_inception" if self.eval_fid_reference else "eval_fid_reference",
                       "periodic FID needs both eval_fid_reference and eval_inception")
@@ -221,16 +229,20 @@ class TrainConfig:
 def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     """Check a YAML value against the field's type; ints are accepted for floats."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = {"Optional[int]": int, "Optional[float]": float}.get(str(f.type), type(default))
+    kind = {"Optional[int]": int, "Optional[float]": float, "bool | str": (bool, str)}.get(str(f.type), type(default))
     if value is None and str(f.type).startswith("Optional"):
         return None
+    if key == "compile" and isinstance(value, bool):  # the retired form: true compiled each block
+        raise ConfigError(f"{source}: compile = {value!r}: booleans are gone; use one of {list(COMPILE_MODES)} "
+                          "(true was blocks, false none)")
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
           isinstance(value, int) and not isinstance(value, bool) if kind is int else
           isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
           if kind is list else isinstance(value, kind))
     if not ok:
-        raise ConfigError(f"{source}: {key} = {value!r}: expected {kind.__name__}")
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {names}")
     return float(value) if kind is float else list(value) if kind is list else value
 
 

@@ -5,7 +5,6 @@ Triton versions (soflow_fast.kernels) must match them, which tests/test_kernels.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
@@ -78,8 +77,7 @@ def attention_eager(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (scores.softmax(dim=-1) @ v.to(up)).to(q.dtype)
 
 
-@functools.cache
-def _flash_attn_func():
+def _find_flash_attn():
     """flash-attn's function (FA3 interface first, then FA2), or None when the package is not installed."""
     for module in ("flash_attn_interface", "flash_attn"):
         try:
@@ -87,6 +85,14 @@ def _flash_attn_func():
         except ImportError:
             continue
     return None
+
+
+# Looked up once, at import: torch.compile cannot trace an import, and `attention` runs inside compiled graphs.
+_FLASH_ATTN = _find_flash_attn()
+
+
+def _flash_attn_func():
+    return _FLASH_ATTN
 
 
 def attention_backend(q: Tensor) -> str:

@@ -1,21 +1,25 @@
 """Distribution applied to an ordinary model, in one place (the model file knows nothing of it).
 
 `init_distributed` reads torchrun's environment (NCCL on GPUs, gloo on CPU); `parallelize` applies, per config,
-activation checkpointing and torch.compile per DiT block, then FSDP2 (fully_shard per block, then at the root, with
-bf16 parameters/compute and fp32 gradient reduction) or DDP.
+activation checkpointing per DiT block, torch.compile (per block or of the whole network), then FSDP2 (fully_shard
+per block, then at the root, with bf16 parameters/compute and fp32 gradient reduction) or DDP.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
+# none: eager; blocks: torch.compile each DiT block; model: the whole network (one graph per call shape);
+# auto: model on CUDA, none elsewhere (this project's 2-core CPU, digits config: 84 s to compile, then no faster).
+COMPILE_MODES = ("auto", "none", "blocks", "model")
+GPUS_PER_NODE = 8  # FSDP2 worlds up to one node keep the blocks gathered after forward (resolve_reshard_after_forward)
 
 
 @dataclass(frozen=True)
@@ -58,32 +62,85 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def resolve_compile(name: str, device: torch.device | str) -> str:
+    """'auto' -> 'model' on CUDA, 'none' elsewhere; 'none', 'blocks' and 'model' are taken as asked."""
+    if name not in COMPILE_MODES:
+        raise ValueError(f"compile: unknown value {name!r}; expected one of {list(COMPILE_MODES)}")
+    if name == "auto":
+        return "model" if torch.device(device).type == "cuda" else "none"
+    return name
+
+
+def compile_backend() -> str:
+    """torch.compile's backend: inductor, unless SOFLOW_COMPILE_BACKEND names another (tests use aot_eager: the same
+    graphs run by eager kernels, compiled in seconds on a CPU)."""
+    return os.environ.get("SOFLOW_COMPILE_BACKEND", "inductor")
+
+
+def resolve_reshard_after_forward(value: Optional[bool], world_size: int) -> bool:
+    """Whether FSDP2 frees each block's gathered weights after its forward (None = auto: only beyond one node).
+
+    A step makes three network calls and one backward. Resharding after every forward all-gathers each block's
+    weights four times per step; keeping them gathered all-gathers them once, and costs holding the whole unsharded
+    network on every rank from the first call to the end of the backward: (1 - 1/W) of the parameters more memory
+    (XL/2: about 2.7 GB in fp32). On one node that is small beside the activations, and worth three all-gathers.
+    Larger worlds are used where memory is the constraint, so auto keeps FSDP's default (reshard) there; set false
+    to trade that memory for the all-gathers, which then cross nodes and cost more.
+    """
+    return world_size > GPUS_PER_NODE if value is None else value
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    """`forward` under non-reentrant activation checkpointing. A plain function that torch.compile traces (into its
+    checkpoint operator), unlike the composable checkpoint's module hooks; the module keeps its parameter names."""
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtype], activation_checkpointing: bool,
-                compile_blocks: bool, device: torch.device) -> nn.Module:
-    """Apply AC, compile and FSDP2 / DDP to a DiT-like model (anything with a `.blocks` ModuleList)."""
+                compile: str, device: torch.device, reshard_after_forward: Optional[bool] = None) -> nn.Module:
+    """Apply AC, torch.compile and FSDP2 / DDP to a network; AC and per-block work act on its `.blocks` (the DiT's).
+
+    compile: a resolved mode ('none' | 'blocks' | 'model', see resolve_compile). reshard_after_forward: FSDP2's
+    choice for the blocks (None = auto: resolve_reshard_after_forward); the root never reshards after forward (the
+    backward needs it at once).
+    """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel: unknown value {mode!r}; expected one of {list(PARALLEL_MODES)}")
-    blocks = getattr(model, "blocks", [])
+    if compile not in COMPILE_MODES[1:]:
+        raise ValueError(f"compile: expected a resolved mode {list(COMPILE_MODES[1:])}, got {compile!r}")
+    blocks = list(getattr(model, "blocks", []))
+    if compile == "blocks" and not blocks:
+        raise ValueError(f"compile: 'blocks' compiles each block, and {type(model).__name__} has none; use 'model'")
     if activation_checkpointing:
-        from torch.distributed._composable import checkpoint  # composable: parameter names stay unchanged
-
         for block in blocks:
-            checkpoint(block)
-    if compile_blocks:
-        for block in blocks:
-            block.compile()
+            block.forward = _checkpointed(block.forward)
+    # Under FSDP2 'model' compiles each block too, as torchtitan does: each sharded block's FSDP hooks are
+    # dynamo-disabled, so a whole-network graph breaks at every block (measured on CPU with gloo: fullgraph=True
+    # fails there; without it the root's block loop falls back to eager). A root without blocks compiles whole.
+    if compile == "blocks" or (compile == "model" and mode == "fsdp" and blocks):
+        targets = blocks
+    else:
+        targets = [model] if compile == "model" else []
+    for module in targets:  # dynamic=False: a step's calls have fixed shapes, one graph each, reused every step
+        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # cast_forward_inputs=False: x, t and s reach the network in fp32. With the default (True) t and s would be
         # rounded to bf16, whose spacing near 0.7 is 0.004: t and l would collapse to one value (docs/precision.md).
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        reshard = resolve_reshard_after_forward(reshard_after_forward, dist.get_world_size())
         for block in blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     elif mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # A compiled network runs its backward as one autograd node: DDP's all-reduce starts after it, without overlap
+        # (DDP is the choice for small models; FSDP2 for large ones).
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 

@@ -37,7 +37,7 @@ from .images import save_grid, to_uint8_nhwc
 from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, optimizer_step, step_with_ema
-from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, unwrap
+from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, resolve_compile, unwrap
 from .precision import emulated, numerics, region, resolve_precision
 from .step import draw_noise, soflow_loss
 
@@ -221,9 +221,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.compile and emulated(self.precision, self.device):
-            raise ConfigError(f"config: compile = true with precision {self.precision.name!r} on a CPU: the bf16 "
-                              "emulator runs eagerly; set compile: false, or precision: fp32")
+        self.compile = resolve_compile(cfg.compile, self.device)
+        if self.compile != "none" and emulated(self.precision, self.device):
+            raise ConfigError(f"config: compile = {cfg.compile!r} with precision {self.precision.name!r} on a CPU: the "
+                              "bf16 emulator runs eagerly; set compile: none (or auto), or precision: fp32")
         self.loader, in_ch, num_classes = dataset_for(cfg, self.dist)
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}
@@ -233,9 +234,10 @@ class Trainer:
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
+        reshard = None if cfg.reshard_after_forward == "auto" else cfg.reshard_after_forward
         self.model = parallelize(self.net, self.parallel, param_dtype=self.precision.fsdp_param_dtype if fsdp else None,
-                                 activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile,
-                                 device=self.device)
+                                 activation_checkpointing=cfg.activation_checkpointing, compile=self.compile,
+                                 device=self.device, reshard_after_forward=reshard)
         named = list(unwrap(self.model).named_parameters())
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -402,18 +404,24 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
             log.info("optimizer backends available: %s", optimizer_backends())
-            log.info("device %s x %d ranks (%s), precision %s, kernels %s, attention %s, optimizer %s, "
+            log.info("device %s x %d ranks (%s), precision %s, kernels %s, compile %s, attention %s, optimizer %s, "
                      "params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
                      self.device, self.dist.world_size, self.parallel,
                      self.precision.name + (" (emulated)" if emulated(self.precision, self.device) else ""),
-                     self.net.cfg.kernels,
+                     self.net.cfg.kernels, self.compile,
                      self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)
         loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
+        compiling = self.compile != "none" and self.dist.is_main  # the first step traces and compiles each call
         while self.step < end:
             x0, y = self.loader.next()
+            t_step = time.perf_counter()
             self.train_step(x0, y)
+            if compiling:  # tracing and compiling run on the host, so host time measures them
+                log.info("compiled in %.1f s (compile %s; the first step, compiling included)", time.perf_counter()
+                         - t_step, self.compile)
+                compiling = False
             if self.step % cfg.logging_steps == 0 or self.step == end:
                 rec = self._log_metrics(time.perf_counter() - t0)
                 loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()

@@ -104,3 +104,35 @@ def test_unreadable_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+@pytest.mark.parametrize("value", ["auto", "none", "blocks", "model"])
+def test_compile_modes(value):
+    assert TrainConfig.from_dict(_with(compile=value)).compile == value
+
+
+@pytest.mark.parametrize("value,message", [
+    (True, r"compile = True: booleans are gone; use one of \['auto', 'none', 'blocks', 'model'\] \(true was blocks"),
+    (False, "compile = False: booleans are gone"),
+    ("fast", r"compile = 'fast': expected one of \['auto', 'none', 'blocks', 'model'\]"),
+])
+def test_compile_rejects_booleans_and_unknown_modes(value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(_with(compile=value))
+
+
+def test_compile_blocks_needs_a_dit():
+    with pytest.raises(ConfigError, match="compile = 'blocks': 'blocks' compiles each DiT block; the U-Net has none"):
+        TrainConfig.from_dict(_with(compile="blocks", model_type="UNet-T", dataset_type="CIFAR10", num_classes=0,
+                                    cfg_scale=1.0))
+    assert TrainConfig.from_dict(_with(compile="model", model_type="UNet-T", dataset_type="CIFAR10", num_classes=0,
+                                       cfg_scale=1.0)).compile == "model"
+
+
+def test_reshard_after_forward_values():
+    for value in ("auto", True, False):
+        assert TrainConfig.from_dict(_with(reshard_after_forward=value)).reshard_after_forward == value
+    with pytest.raises(ConfigError, match="reshard_after_forward = 'yes': expected auto, true or false"):
+        TrainConfig.from_dict(_with(reshard_after_forward="yes"))
+    with pytest.raises(ConfigError, match="reshard_after_forward = 1: expected bool or str"):
+        TrainConfig.from_dict(_with(reshard_after_forward=1))

@@ -91,6 +91,68 @@ def test_bf16_secant_two_fsdp_ranks_match_one_process(tmp_path):
     assert_same(tmp_path, "one", "two")
 
 
+def test_compiled_model_two_fsdp_ranks_match_one_process(tmp_path, single, monkeypatch):
+    """compile: model with activation checkpointing under FSDP2 (AC, then compile per block, then fully_shard) on 2
+    ranks computes what one eager process does. Backend aot_eager (eager kernels, the same fp32 ops): the tolerance
+    above holds (measured: bitwise equal)."""
+    monkeypatch.setenv("SOFLOW_COMPILE_BACKEND", "aot_eager")
+    r = train(tmp_path, "compiled", ranks=2, parallel="fsdp", compile="model", activation_checkpointing=True)
+    assert "compiled in " in r.stdout + r.stderr
+    (tmp_path / "one").symlink_to(single / "one")
+    assert_same(tmp_path, "one", "compiled")
+
+
+def test_reshard_after_forward_changes_nothing(tmp_path):
+    """Keeping the blocks gathered after forward changes when the weights are gathered, not what is computed."""
+    for value in (True, False):
+        train(tmp_path, str(value), ranks=2, parallel="fsdp", reshard_after_forward=value, total_steps=2)
+    (step_a, model_a, ema_a), (step_b, model_b, ema_b) = weights(tmp_path, "True"), weights(tmp_path, "False")
+    assert step_a == step_b == 2
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]) and torch.equal(ema_a[k], ema_b[k]), k
+
+
+GATHER_SCRIPT = """
+import json, torch, torch.distributed as dist
+import soflow_fast as sf
+from soflow_fast.parallel import init_distributed, parallelize
+info = init_distributed("cpu")
+gathers = [0]
+all_gather = dist.all_gather_single  # what FSDP2 gathers parameters with
+def counted(*a, **k):
+    gathers[0] += 1
+    return all_gather(*a, **k)
+dist.all_gather_single = counted
+x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([1, 2, 3, 4])
+per_step = {}
+for reshard in (True, False):
+    model = parallelize(sf.build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10), "fsdp",
+                        param_dtype=None, activation_checkpointing=False, compile="none", device=torch.device("cpu"),
+                        reshard_after_forward=reshard)
+    for step in range(2):  # a step's three calls: teacher and x_l without gradient, then the gradient call
+        gathers[0] = 0
+        with torch.no_grad():
+            model(x, t, t, y)
+            model(x[:2], t[:2], t[:2] * 0.5, y[:2])
+        model(x, t, t * 0.5, y).sum().backward()
+    per_step[str(reshard)] = gathers[0]
+if info.rank == 0:
+    print(json.dumps(per_step))
+"""
+
+
+def test_reshard_after_forward_false_gathers_once_per_step(tmp_path):
+    """With resharding each of DiT-T/2's 2 blocks is gathered for each of the 3 forwards and for the backward; without,
+    once per step. The root (embedders, final layer) never reshards after forward: once per step either way."""
+    script = tmp_path / "gathers.py"
+    script.write_text(GATHER_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"True": 1 + 2 * 4, "False": 1 + 2}
+
+
 def test_micro_batching_changes_nothing_but_memory(tmp_path, single):
     """Sanity check of the premise: without the split into micro-batches the run differs (the FM/consistency
     split and the noise are per micro-batch), so the parity above is not trivially true."""

@@ -238,7 +238,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     model.t_embedder.register_forward_pre_hook(lambda m, a: seen.__setitem__("t", str(a[0].dtype)))
     model.s_embedder.register_forward_pre_hook(lambda m, a: seen.__setitem__("t - s", str(a[0].dtype)))
     model = parallelize(model, "fsdp", param_dtype=torch.bfloat16, activation_checkpointing=False,
-                        compile_blocks=False, device=torch.device("cpu"))
+                        compile="none", device=torch.device("cpu"))
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.7, 0.69])
     mode = MODES["bf16"]  # the mode that gathers bf16 parameters; on a CPU it runs under the emulator
     with torch.no_grad(), numerics(mode, "cpu"), region(mode, True, "cpu"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from soflow_fast.checkpoint import latest_checkpoint, list_checkpoints, read_meta
-from soflow_fast.config import TrainConfig
+from soflow_fast.config import ConfigError, TrainConfig
 from soflow_fast.train import NonFiniteError, Trainer
 
 SMALL = dict(model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
@@ -158,11 +158,36 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
 
 
 def test_compiled_blocks_match_eager(tmp_path):
-    """compile: true (torch.compile per DiT block, inductor on CPU) trains like eager; inductor fuses and reorders
+    """compile: blocks (torch.compile per DiT block, inductor on CPU) trains like eager; inductor fuses and reorders
     fp32 ops, so equal to 1e-6 after two steps (measured 3e-9), not bitwise."""
     plain = make(tmp_path, "plain", total_steps=2)
     plain.fit(progress=False)
-    comp = make(tmp_path, "comp", total_steps=2, compile=True)
+    comp = make(tmp_path, "comp", total_steps=2, compile="blocks")
     comp.fit(progress=False)
     for a, b in zip(flat_state(plain), flat_state(comp)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_compiled_model_matches_eager(tmp_path, monkeypatch, caplog):
+    """compile: model (the whole network, one graph per call of the step) trains like eager. Backend aot_eager (the
+    captured graphs run by eager kernels): the same fp32 ops, so the weights after three steps are bitwise equal
+    (measured). The first step's time, compiling included, is logged."""
+    monkeypatch.setenv("SOFLOW_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain = make(tmp_path, "plain", total_steps=3)
+    plain.fit(progress=False)
+    comp = make(tmp_path, "comp", total_steps=3, compile="model")
+    with caplog.at_level("INFO", logger="soflow_fast"):
+        comp.fit(progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # teacher, x_l and gradient calls, once
+    assert any(r.getMessage().startswith("compiled in ") and "compile model" in r.getMessage() for r in caplog.records)
+    for a, b in zip(flat_state(plain), flat_state(comp)):
+        assert torch.equal(a, b)
+
+
+def test_compile_refused_under_the_bf16_emulator(tmp_path):
+    """A bf16 mode on a CPU runs the emulator, which torch.compile cannot trace: compile must resolve to none."""
+    with pytest.raises(ConfigError, match="compile = 'model' with precision 'bf16' on a CPU"):
+        make(tmp_path, compile="model", precision="bf16")
+    assert make(tmp_path, compile="auto", precision="bf16").compile == "none"  # auto is none on a CPU

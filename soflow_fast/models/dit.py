@@ -159,11 +159,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_ch, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x: Tensor, dx: Optional[Tensor] = None):
-        out = self.proj(x).flatten(2).transpose(1, 2)
+        # Tokens made contiguous: inductor (torch 2.13, CPU) computed the input gradient of a DiT block compiled on
+        # its own (compile: blocks) wrongly, by up to 30%, for this transposed layout (tests/test_compile.py).
+        out = self.proj(x).flatten(2).transpose(1, 2).contiguous()
         if dx is None:
             return out
         d = torch.nn.functional.conv2d(dx, self.proj.weight.detach(), stride=self.proj.stride)
-        return out, d.flatten(2).transpose(1, 2)
+        return out, d.flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):
