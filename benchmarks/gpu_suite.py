@@ -61,6 +61,7 @@ import reference_math  # noqa: E402  (the reference's six-call step, as benchmar
 from soflow_fast import ops  # noqa: E402
 from soflow_fast.config import load_config  # noqa: E402
 from soflow_fast.fileio import atomic_open  # noqa: E402
+from soflow_fast.kernel_ops import kernel_ops_for, resolve_kernels  # noqa: E402
 from soflow_fast.models.dit import DiT, DiTConfig  # noqa: E402
 from soflow_fast.parallel import parallelize  # noqa: E402
 from soflow_fast.precision import AUTO_CUDA, MODES, numerics, resolve_precision  # noqa: E402
@@ -311,6 +312,7 @@ class StepBench:
         x0 = torch.randn(v.batch, self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size, device=dev)
         y = torch.randint(0, self.cfg.num_classes, (v.batch,), device=dev) if self.cfg.num_classes else None
         null = self.base.null_label
+        net_ops = kernel_ops_for(v.kernels)
 
         def run() -> None:
             noise = draw_noise(hp, x0, self.guided, self.gen)
@@ -320,7 +322,7 @@ class StepBench:
                     loss, _ = reference_math.six_call_step(net, flow.noising, flow.coefficient, hp, x0, y, noise, 0,
                                                            null)
                 else:
-                    loss = soflow_loss(net, flow, hp, x0, y, noise, 0, null, loss_impl=v.kernels,
+                    loss = soflow_loss(net, flow, hp, x0, y, noise, 0, null, kernel_ops=net_ops,
                                        precision=mode).loss
                 loss.backward()
             self.opt.step()
@@ -506,7 +508,7 @@ def matrix_result(bench: StepBench, rows: dict, kernels_auto: str, reps: int, do
 
 
 def stage_matrix(ctx: Ctx) -> dict:
-    requested = {k: ops.resolve_kernels(k, ctx.device) for k in ("eager", "triton", "auto")}
+    requested = {k: resolve_kernels(k, ctx.device) for k in ("eager", "triton", "auto")}
     variants = matrix_variants(list(dict.fromkeys(requested.values())), ctx.shapes.batches)
     rows = {v: {**dataclasses.asdict(v), "name": v.name, "status": "pending"} for v in variants}
     reps, done, steps = ctx.shapes.reps, 0, {}

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference_math  # noqa: E402  (the six-call transcription the parity tests use)
 
 from soflow_fast.config import load_config, parse_override  # noqa: E402
+from soflow_fast.kernel_ops import kernel_ops_for  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
 from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.parallel import resolve_device  # noqa: E402
@@ -82,7 +83,8 @@ def host_path(cfg, in_ch: int, classes: int, steps: int) -> None:
         def step(model=model, impl=impl, y=y, guided=guided, gen=gen, x0=x0):
             with kernel_bench.launches_stubbed() if impl == "triton" else contextlib.nullcontext():
                 noise = draw_noise(hp, x0, guided, gen)
-                soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label, loss_impl=impl).loss.backward()
+                soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label,
+                            kernel_ops=model.kernel_ops).loss.backward()
         runs[impl] = (step, [], len(model.blocks))
     for i in range(steps + 3):
         for step, times, _ in runs.values():
@@ -135,12 +137,13 @@ def main() -> None:
     y = torch.randint(0, classes, (B,), device=device) if classes else None
     guided = y is not None and hp.cfg_scale > 1
     gen = torch.Generator(device).manual_seed(0)
+    kernel_ops = kernel_ops_for(model.cfg.kernels)
 
     def three_call():
         noise = draw_noise(hp, x0, guided, gen)
         opt.zero_grad(set_to_none=True)
         with numerics(mode, device):
-            soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label, loss_impl=model.cfg.kernels,
+            soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label, kernel_ops=kernel_ops,
                         precision=mode).loss.backward()
         opt.step()
 

@@ -18,13 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from soflow_fast.ops import (gated_residual_eager, gated_residual_layernorm_modulate_eager,
+from soflow_fast.ops import (LN_EPS, gated_residual_eager, gated_residual_layernorm_modulate_eager,
                              layernorm_modulate_eager)
 
 from ._common import (HAVE_TRITON, check_shape, dtype_code, programs_target, reduction_chunks, row_tile, cdiv,
                       use_triton)
-
-LN_EPS = 1e-6
 
 if HAVE_TRITON:
     import triton
@@ -294,7 +292,7 @@ def _fused_backward(ctx, dres, dh):
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-# -- public functions (the interfaces soflow_fast.ops calls) -------------------------------------
+# -- public functions (what soflow_fast.kernel_ops hands the model) ------------------------------
 def _check(op: str, x: Tensor, **per_sample: Tensor) -> None:
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, T, D], got shape {list(x.shape)}")

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from soflow_fast.flow import Flow
+from soflow_fast.flow import CFG_DECAY_K, Flow
 from soflow_fast import loss as eager
 from soflow_fast.loss import LossTerms
 
@@ -43,7 +43,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fm_kernel(F, V, FU, MASK, TIME, ROW_LOSS, ROW_MSE, ROW_W, GRAD, n, inv_B, p, eps, w_minus_1, mix, tau,
-                   COEF_TRIG: tl.constexpr, GUIDED: tl.constexpr, HAS_MASK: tl.constexpr, DECAY: tl.constexpr,
+                   decay_k, COEF_TRIG: tl.constexpr, GUIDED: tl.constexpr, HAS_MASK: tl.constexpr, DECAY: tl.constexpr,
                    BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
         i = tl.program_id(0)
         row = i.to(tl.int64) * n
@@ -52,10 +52,10 @@ if HAVE_TRITON:
         masked = False
         if GUIDED:
             k = 1.0
-            if DECAY:  # k(t) = 1 up to tau, then 1 - exp(-0.025 d / (1 - d)), d = clamp((1 - t) / (1 - tau))
+            if DECAY:  # k(t) = 1 up to tau, then 1 - exp(-decay_k d / (1 - d)), d = clamp((1 - t) / (1 - tau))
                 t = tl.load(TIME + i).to(tl.float32)
                 d = tl.minimum(tl.maximum((1.0 - t) / (1.0 - tau), 0.0), 1.0 - 1e-6)
-                k = tl.where(t <= tau, 1.0, 1.0 - tl.exp(-0.025 * d / (1.0 - d)))
+                k = tl.where(t <= tau, 1.0, 1.0 - tl.exp(-decay_k * d / (1.0 - d)))
             kw = k * w_minus_1
             if HAS_MASK:
                 masked = tl.load(MASK + i) != 0
@@ -176,7 +176,7 @@ def _fm_op(F_pred: Tensor, v_t: Tensor, t: Tensor, F_unc: Optional[Tensor], mask
     grad = torch.empty(F_pred.shape, **f32)
     block, one_pass, warps = _launch_cfg(n)
     _fm_kernel[(B,)](F2, V2, FU, M, t.contiguous(), row_loss, row_mse, row_w, grad, n, 1.0 / B, p, eps,
-                     cfg_scale - 1.0, mix_ratio, cfg_decay_time, COEF_TRIG=coef_trig, GUIDED=guided,
+                     cfg_scale - 1.0, mix_ratio, cfg_decay_time, CFG_DECAY_K, COEF_TRIG=coef_trig, GUIDED=guided,
                      HAS_MASK=guided and mask is not None, DECAY=guided and cfg_decay_time < 1.0,
                      BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
     return _terms(row_loss, row_mse, row_w, grad)
@@ -229,7 +229,7 @@ _fm_op.register_autograd(_fm_backward, setup_context=_setup)
 _c_op.register_autograd(_c_backward, setup_context=_setup)
 
 
-# -- public functions (the interfaces soflow_fast.ops calls) -------------------------------------
+# -- public functions (what soflow_fast.kernel_ops hands the model) ------------------------------
 def _check_rows(op: str, ref: Tensor, **tensors: Optional[Tensor]) -> None:
     for name, v in tensors.items():
         if v is not None:

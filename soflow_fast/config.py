@@ -15,7 +15,7 @@ import yaml
 
 from .flow import L_SCHEDULES, Flow
 from .models import is_model_type
-from .ops import KERNEL_MODES
+from .kernel_ops import KERNEL_MODES
 from .parallel import COMPILE_MODES
 from .precision import PRECISIONS
 from .step import SoFlowHParams
@@ -75,8 +75,9 @@ class TrainConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
-    kernels: str = "eager"                  # eager | triton | auto (= Triton on CUDA); eager by default: measured
-    #                                         faster end to end on an H100 (README, "Measured")
+    kernels: str = "eager"                  # eager | triton | auto (= per op, what kernels/choices.py measured faster
+    #                                         on this device); eager by default: measured faster end to end on an
+    #                                         H100 (README, "Measured")
     precision: str = "auto"                 # auto (= bf16-secant on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs)
     #                                         | bf16 (all calls) | bf16-split | bf16-secant: soflow_fast/precision.py;
     #                                         a bf16 mode on a CPU runs the exact bf16 emulator

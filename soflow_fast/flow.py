@@ -105,7 +105,10 @@ class Flow:
         return self.velocity_from_output(net(x, t, t, y), x, t)
 
 
-def cfg_decay(t: Tensor, tau: float, k: float = 0.025) -> Tensor:
+CFG_DECAY_K = 0.025  # the rate of cfg_decay; the fused FM loss (kernels/soflow_loss.py) reads it from here
+
+
+def cfg_decay(t: Tensor, tau: float, k: float = CFG_DECAY_K) -> Tensor:
     """CFG strength k(t): 1 up to tau, then smoothly to 0 at t = 1 (1 everywhere when tau >= 1)."""
     if tau >= 1.0:
         return torch.ones_like(t)

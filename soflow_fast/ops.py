@@ -1,12 +1,12 @@
-"""The op layer the model and the step call: eager references beside a switch to the fused Triton kernels.
+"""The eager ops: the documentation of the math of the adaLN pieces, and attention.
 
-Each op has one signature for all implementations. The eager functions are the documentation of the math; the
-Triton versions (soflow_fast.kernels) must match them, which tests/test_kernels.py checks.
+The fused Triton versions (soflow_fast.kernels) have the same signatures and must match these, which
+tests/test_kernels.py checks; soflow_fast.kernel_ops chooses between them when a model is built. This module
+imports no kernels: they import it.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +14,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-KERNEL_MODES = ("auto", "triton", "eager")
-LN_EPS = 1e-6
-
-
-def resolve_kernels(mode: str, device: torch.device | str) -> str:
-    """'auto' -> 'triton' on CUDA, 'eager' elsewhere; 'triton' and 'eager' are taken as asked."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernels: unknown value {mode!r}; expected one of {list(KERNEL_MODES)}")
-    if mode == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "eager"
-    return mode
+LN_EPS = 1e-6  # the adaLN LayerNorm's, also the Triton kernels'
 
 
 # -- adaLN pieces ---------------------------------------------------------------------------------
@@ -45,28 +35,6 @@ def gated_residual_layernorm_modulate_eager(x: Tensor, gate: Tensor, y: Tensor, 
     """(res, h): res = x + gate[b] * y, h = layernorm_modulate(res, shift, scale). The DiT block's middle."""
     res = gated_residual_eager(x, gate, y)
     return res, layernorm_modulate_eager(res, shift, scale)
-
-
-def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, impl: str = "eager") -> Tensor:
-    if impl == "triton":
-        from soflow_fast.kernels import adaln
-        return adaln.layernorm_modulate(x, shift, scale)
-    return layernorm_modulate_eager(x, shift, scale)
-
-
-def gated_residual(x: Tensor, gate: Tensor, y: Tensor, impl: str = "eager") -> Tensor:
-    if impl == "triton":
-        from soflow_fast.kernels import adaln
-        return adaln.gated_residual(x, gate, y)
-    return gated_residual_eager(x, gate, y)
-
-
-def gated_residual_layernorm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
-                                      impl: str = "eager") -> tuple[Tensor, Tensor]:
-    if impl == "triton":
-        from soflow_fast.kernels import adaln
-        return adaln.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
-    return gated_residual_layernorm_modulate_eager(x, gate, y, shift, scale)
 
 
 # -- attention ------------------------------------------------------------------------------------
@@ -109,24 +77,3 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
-
-
-# -- the SoFlow loss ------------------------------------------------------------------------------
-def fm_loss(flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, impl: str = "eager", **kw):
-    """soflow_fast.loss.fm_loss, or its fused Triton twin."""
-    if impl == "triton":
-        from soflow_fast.kernels import soflow_loss
-        return soflow_loss.fm_loss(flow, F_pred, x_t, v_t, t, **kw)
-    from .loss import fm_loss as eager
-    return eager(flow, F_pred, x_t, v_t, t, **kw)
-
-
-def consistency_loss(flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
-                     F_l: Optional[Tensor], *, impl: str = "eager", dF: Optional[Tensor] = None, **kw):
-    """soflow_fast.loss.consistency_loss, or its fused Triton twin (for F_l from a second call; the secant
-    quotient, from dF, is eager)."""
-    if impl == "triton" and dF is None:
-        from soflow_fast.kernels import soflow_loss
-        return soflow_loss.consistency_loss(flow, F_t, x_t, u, t, s, l, F_l, **kw)
-    from .loss import consistency_loss as eager
-    return eager(flow, F_t, x_t, u, t, s, l, F_l, dF=dF, **kw)

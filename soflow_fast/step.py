@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
 from .flow import Flow, bcast, consistency_times, l_ratio, logit_normal
-from .loss import at_least_fp32, consistency_point, consistency_velocity
+from .kernel_ops import KernelOps, kernel_ops_for
+from .loss import at_least_fp32, consistency_loss, consistency_point, consistency_velocity
 from .precision import MODES, Precision, region
 
 
@@ -108,7 +108,7 @@ class StepOutput:
 
 
 def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
-                step: int, null_label: Optional[int], loss_impl: str = "eager",
+                step: int, null_label: Optional[int], kernel_ops: KernelOps = kernel_ops_for("eager"),
                 augment_labels: Optional[Tensor] = None, precision: Precision = MODES["fp32"]) -> StepOutput:
     """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step).
     augment_labels [B, D] (EDM augmentation) go with their rows to every network call."""
@@ -189,12 +189,15 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     zero = x0.new_zeros(())
     loss_fm = mse_fm = w_fm = loss_c = mse_c = w_c = zero
     if n_fm:
-        loss_fm, mse_fm, w_fm = ops.fm_loss(flow, F_fm, xt_fm, vt_fm, noise.t_fm, p=hp.p, eps=hp.eps, F_unc=F_unc_fm,
-                                            mask=noise.cfg_mask[:n_fm] if guided else None, cfg_scale=hp.cfg_scale,
-                                            mix_ratio=hp.mix_ratio, cfg_decay_time=hp.cfg_decay_time, impl=loss_impl)
+        loss_fm, mse_fm, w_fm = kernel_ops.fm_loss(flow, F_fm, xt_fm, vt_fm, noise.t_fm, p=hp.p, eps=hp.eps,
+                                                   F_unc=F_unc_fm, mask=noise.cfg_mask[:n_fm] if guided else None,
+                                                   cfg_scale=hp.cfg_scale, mix_ratio=hp.mix_ratio,
+                                                   cfg_decay_time=hp.cfg_decay_time)
     if n_c:
-        loss_c, mse_c, w_c = ops.consistency_loss(flow, F_c, xt_c, u, t_c, s_c, l_c, F_l, p=hp.p, eps=hp.eps,
-                                                  impl=loss_impl, dF=dF)
+        if dF is None:
+            loss_c, mse_c, w_c = kernel_ops.consistency_loss(flow, F_c, xt_c, u, t_c, s_c, l_c, F_l, p=hp.p, eps=hp.eps)
+        else:  # the secant quotient (F_l = F_t + dF) has no fused version
+            loss_c, mse_c, w_c = consistency_loss(flow, F_c, xt_c, u, t_c, s_c, l_c, F_l, p=hp.p, eps=hp.eps, dF=dF)
     total = loss_fm * (n_fm / B) + loss_c * (n_c / B)
     stats = dict(loss_fm=loss_fm.detach(), loss_c=loss_c.detach(), mse_fm=mse_fm, weight_fm=w_fm, mse_c=mse_c,
                  weight_c=w_c)

@@ -34,6 +34,7 @@ from .data.loader import TensorLoader
 from .fileio import atomic_open
 from .flow import derived_seed, sample
 from .images import save_grid, to_uint8_nhwc
+from .kernel_ops import kernel_ops_for
 from .models import build_model, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, optimizer_step, step_with_ema
@@ -231,6 +232,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
                                null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device, **overrides)
+        self.kernel_ops = kernel_ops_for(self.net.cfg.kernels)  # the loss functions, with the model's choice
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
@@ -347,7 +349,7 @@ class Trainer:
                 xm, aug = self.augment(xm, gen)
             with self._sync_grads(a == self.accum - 1), numerics(self.precision, self.device):
                 out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
-                                  loss_impl=self.net.cfg.kernels, augment_labels=aug, precision=self.precision)
+                                  kernel_ops=self.kernel_ops, augment_labels=aug, precision=self.precision)
                 (out.loss / self.accum).backward()
             part = torch.stack([out.loss.detach(), *out.stats.values()]).float() / self.accum
             values = part if values is None else values + part
@@ -404,11 +406,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
             log.info("optimizer backends available: %s", optimizer_backends())
-            log.info("device %s x %d ranks (%s), precision %s, kernels %s, compile %s, attention %s, optimizer %s, "
-                     "params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
+            log.info("device %s x %d ranks (%s), precision %s, kernels %s (%s), compile %s, attention %s, "
+                     "optimizer %s, params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
                      self.device, self.dist.world_size, self.parallel,
                      self.precision.name + (" (emulated)" if emulated(self.precision, self.device) else ""),
-                     self.net.cfg.kernels, self.compile,
+                     cfg.kernels, self.kernel_ops.describe(), self.compile,
                      self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)

@@ -83,8 +83,8 @@ def test_training_step():
     flow = Flow("linear", "euler")
     x0, _, _, y = inputs(B=8)
     noise = draw_noise(hp, x0, guided=True, generator=torch.Generator(DEV).manual_seed(2))
-    out_f = soflow_loss(fast, flow, hp, x0, y, noise, step=3, null_label=fast.null_label, loss_impl="triton")
-    out_r = soflow_loss(ref, flow, hp, x0, y, noise, step=3, null_label=ref.null_label, loss_impl="eager")
+    out_f = soflow_loss(fast, flow, hp, x0, y, noise, step=3, null_label=fast.null_label, kernel_ops=fast.kernel_ops)
+    out_r = soflow_loss(ref, flow, hp, x0, y, noise, step=3, null_label=ref.null_label, kernel_ops=ref.kernel_ops)
     torch.testing.assert_close(out_f.loss, out_r.loss, atol=1e-5, rtol=1e-5)
     for k in out_r.stats:
         torch.testing.assert_close(out_f.stats[k], out_r.stats[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import ops
+from ..kernel_ops import resolve_kernels
 from .dit import DIT_SIZES, DiT, DiTConfig, canonical_size
 from .unet import UNET_SIZES, SongUNet, UNetConfig, build_unet
 
@@ -16,14 +16,14 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
                 kernels: str = "eager", device: torch.device | str = "cpu", **overrides) -> DiT:
     """A DiT of a named size ('DiT-XL/2', 'DiT-B-4', ...); overrides (hidden_size, depth, ...) replace table entries.
 
-    kernels: 'auto' | 'triton' | 'eager' ('auto' = Triton on CUDA).
+    kernels: 'auto' | 'triton' | 'eager' ('auto' = per op, what kernels/choices.py measured faster on this device).
     """
     if size in UNET_SIZES:
         if num_classes:
             raise ValueError(f"model_type {size}: the U-Net is unconditional; num_classes must be 0, got {num_classes}")
         return build_unet(size, kernels=kernels, device=device, img_resolution=input_size, in_channels=in_channels,
                           out_channels=in_channels, **overrides)
-    impl = ops.resolve_kernels(kernels, device)
+    impl = resolve_kernels(kernels, device)
     fields = dict(zip(("patch_size", "hidden_size", "depth", "num_heads"), DIT_SIZES[canonical_size(size)]))
     fields.update(overrides)
     cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, null_class=null_class,
@@ -48,7 +48,7 @@ def model_from_config(description: dict, kernels: str = "eager", device: torch.d
     cls, cfg_cls = KINDS[kind]
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     config = {k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v for k, v in config.items()}
-    return cls(cfg_cls(**config, kernels=ops.resolve_kernels(kernels, device))).to(device)
+    return cls(cfg_cls(**config, kernels=resolve_kernels(kernels, device))).to(device)
 
 
 def is_model_type(name: str) -> bool:

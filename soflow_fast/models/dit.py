@@ -1,8 +1,8 @@
 """DiT with SoFlow's second time embedding (SOFLOW.md section 3).
 
 Module and parameter names follow the reference implementation (timm's PatchEmbed / Attention / Mlp names), so a
-reference state dict loads after stripping its "network." prefix. The adaLN pieces go through soflow_fast.ops, which
-switches between the eager references and the fused Triton kernels.
+reference state dict loads after stripping its "network." prefix. The adaLN pieces are the functions of the model's
+KernelOps (soflow_fast.kernel_ops), chosen once from cfg.kernels: the eager references or the fused Triton kernels.
 
 Every module also runs as a secant pair (docs/precision.md, section 5): given the difference d of its input from a
 second point, it returns beside its output the difference of its outputs at the two points, computed without
@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..kernel_ops import KernelOps, kernel_ops_for, parse_kernels
 from ..precision import skeleton
 
 # name -> (patch, hidden, depth, heads). DiT-T/2 is ours: tiny, for tests and CPU demos.
@@ -55,7 +56,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000      # 0 = unconditional (no label table)
     null_class: bool = True      # an extra label row (index num_classes) for CFG; the reference has it iff drop > 0
-    kernels: str = "eager"       # resolved implementation: 'eager' or 'triton'
+    kernels: str = "eager"       # resolved per op: 'eager', 'triton' or 'op=impl,...' (kernel_ops.resolve_kernels)
 
     @classmethod
     def from_size(cls, size: str, **kw) -> "DiTConfig":
@@ -77,8 +78,7 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos embedding)")
-        if self.kernels not in ("eager", "triton"):
-            raise ValueError(f"kernels: expected a resolved 'eager' or 'triton', got {self.kernels!r}")
+        parse_kernels(self.kernels)
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -225,9 +225,9 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, kernel_ops: KernelOps):
         super().__init__()
-        self.impl = cfg.kernels
+        self.kernel_ops = kernel_ops
         self.attn = Attention(cfg.hidden_size, cfg.num_heads)
         self.mlp = Mlp(cfg.hidden_size, cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
@@ -236,12 +236,13 @@ class DiTBlock(nn.Module):
         with skeleton(x.device.type):
             mod = self.adaLN_modulation(c)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
-        h = ops.layernorm_modulate(x, shift1, scale1, self.impl)
+        k = self.kernel_ops
+        h = k.layernorm_modulate(x, shift1, scale1)
         attn = self.attn(h)
         # The attention branch's residual add and the MLP branch's LN + modulate in one pass over the stream.
-        res, h2 = ops.gated_residual_layernorm_modulate(x, gate1, attn, shift2, scale2, self.impl)
+        res, h2 = k.gated_residual_layernorm_modulate(x, gate1, attn, shift2, scale2)
         mlp = self.mlp(h2)
-        out = ops.gated_residual(res, gate2, mlp, self.impl)
+        out = k.gated_residual(res, gate2, mlp)
         if pair is None:
             return out
         dx, dc = pair
@@ -268,16 +269,16 @@ def residual_difference(dx: Tensor, gate: Tensor, y: Tensor, dgate: Tensor, dy: 
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, kernel_ops: KernelOps):
         super().__init__()
-        self.impl = cfg.kernels
+        self.kernel_ops = kernel_ops
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_size ** 2 * cfg.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
 
     def forward(self, x: Tensor, c: Tensor, pair: Optional[tuple[Tensor, Tensor]] = None):
         with skeleton(x.device.type):
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            h = ops.layernorm_modulate(x, shift, scale, self.impl)
+            h = self.kernel_ops.layernorm_modulate(x, shift, scale)
             out = self.linear(h)
             if pair is None:
                 return out
@@ -300,8 +301,9 @@ class DiT(nn.Module):
         grid = cfg.input_size // cfg.patch_size
         # A frozen parameter (not a buffer) so that it sits in checkpoints under the reference's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        self.kernel_ops = kernel_ops_for(cfg.kernels)  # resolved here, once: forward only calls its functions
+        self.blocks = nn.ModuleList(DiTBlock(cfg, self.kernel_ops) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg, self.kernel_ops)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..kernel_ops import parse_kernels, resolve_kernels
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ class UNetConfig:
             raise ValueError(f"model_channels * channel_mult_noise = {self.noise_channels} must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must lie in [0, 1)")
-        if self.kernels not in ("eager", "triton"):
-            raise ValueError(f"kernels: expected a resolved 'eager' or 'triton', got {self.kernels!r}")
+        parse_kernels(self.kernels)
 
 
 # Named sizes: 'UNet' is the reference's (model_type: UNet in its cifar.yaml); 'UNet-T' is ours, for tests and demos.
@@ -285,5 +285,5 @@ def build_unet(size: str = "UNet", *, kernels: str = "eager", device: torch.devi
     bad = sorted(set(overrides) - known)
     if bad:
         raise TypeError(f"build_unet: unknown field {bad[0]!r}; UNetConfig has {sorted(known)}")
-    cfg = UNetConfig(**{**UNET_SIZES[size], **overrides, "kernels": ops.resolve_kernels(kernels, device)})
+    cfg = UNetConfig(**{**UNET_SIZES[size], **overrides, "kernels": resolve_kernels(kernels, device)})
     return SongUNet(cfg).to(device)

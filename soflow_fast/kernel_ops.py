@@ -1,0 +1,91 @@
+"""The op implementations a model runs, chosen once when it is built.
+
+`kernels: auto | triton | eager` resolves, for a device, to one implementation per op (a string that checkpoints
+and configs carry), and that string to a KernelOps: the functions themselves, which the DiT and the training step
+call without deciding anything per call. The eager twins (soflow_fast.ops, soflow_fast.loss) are the math; the
+Triton versions (soflow_fast.kernels, which import those twins and nothing of this module) must match them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import loss, ops
+from .kernels import choices
+
+KERNEL_MODES = ("auto", "triton", "eager")
+IMPLS = ("eager", "triton")
+OP_NAMES = ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate", "fm_loss",
+            "consistency_loss")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """One implementation per op; `name` is the resolved string it was built from."""
+    name: str
+    layernorm_modulate: Callable
+    gated_residual: Callable
+    gated_residual_layernorm_modulate: Callable
+    fm_loss: Callable
+    consistency_loss: Callable
+
+    def describe(self) -> str:
+        """'op impl, op impl, ...' for the start-up log."""
+        return ", ".join(f"{op} {impl}" for op, impl in parse_kernels(self.name).items())
+
+
+def device_class(device: torch.device | str) -> Optional[str]:
+    """The key of kernels/choices.AUTO that names this device, or None (not CUDA, or not measured)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((key for key in choices.AUTO if key in name), None)
+
+
+def resolve_kernels(mode: str, device: torch.device | str) -> str:
+    """The resolved string for `kernels: mode` on device: 'eager', 'triton', or 'op=impl,...' when auto mixes."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels: unknown value {mode!r}; expected one of {list(KERNEL_MODES)}")
+    if mode != "auto":
+        return mode
+    table = choices.AUTO.get(device_class(device), {})
+    per_op = [table[op].impl if op in table else "eager" for op in OP_NAMES]
+    if len(set(per_op)) == 1:
+        return per_op[0]
+    return ",".join(f"{op}={impl}" for op, impl in zip(OP_NAMES, per_op))
+
+
+def parse_kernels(resolved: str) -> dict[str, str]:
+    """op -> 'eager' | 'triton' from a resolved string; ValueError for anything else (e.g. an unresolved 'auto')."""
+    if resolved in IMPLS:
+        return dict.fromkeys(OP_NAMES, resolved)
+    pairs = dict(item.partition("=")[::2] for item in resolved.split(","))
+    if set(pairs) != set(OP_NAMES) or not set(pairs.values()) <= set(IMPLS):
+        raise ValueError(f"kernels: expected a resolved 'eager', 'triton' or 'op=impl,...' naming each of "
+                         f"{list(OP_NAMES)}, got {resolved!r}")
+    return {op: pairs[op] for op in OP_NAMES}
+
+
+def _implementations(impl: str) -> dict[str, Callable]:
+    if impl == "eager":
+        return dict(layernorm_modulate=ops.layernorm_modulate_eager, gated_residual=ops.gated_residual_eager,
+                    gated_residual_layernorm_modulate=ops.gated_residual_layernorm_modulate_eager,
+                    fm_loss=loss.fm_loss, consistency_loss=loss.consistency_loss)
+    # Imported only when a model asks for Triton: importing triton is slow, and the interpreter switch
+    # (TRITON_INTERPRET) is read at that import.
+    from .kernels import adaln, soflow_loss
+    return dict(layernorm_modulate=adaln.layernorm_modulate, gated_residual=adaln.gated_residual,
+                gated_residual_layernorm_modulate=adaln.gated_residual_layernorm_modulate,
+                fm_loss=soflow_loss.fm_loss, consistency_loss=soflow_loss.consistency_loss)
+
+
+@functools.cache
+def kernel_ops_for(resolved: str) -> KernelOps:
+    """The KernelOps of a resolved string (one object per string: every block of a model shares it)."""
+    per_op = parse_kernels(resolved)
+    return KernelOps(resolved, **{op: _implementations(impl)[op] for op, impl in per_op.items()})
+
