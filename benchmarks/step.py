@@ -3,7 +3,7 @@
     python benchmarks/step.py configs/digits.yaml [--batch-size N] [--steps 10] [--warmup 3] [--set key=value]
     python benchmarks/step.py configs/imagenet.yaml --host-path [--steps 30]
 
-A step = loss forward + backward + AdamW update. Model FLOPs are counted as SOFLOW.md section 8 (forward MACs x 2 x
+A step = loss forward + backward + AdamW update. Model FLOPs are counted as docs/algorithm.md section 8 (forward MACs x 2 x
 forward-equivalents per step, the same count for both formulations, so the FLOP/s ratio is the speed ratio). On CPU
 the same run measures this machine's fp32 matmul rate and prints each step's fraction of it.
 

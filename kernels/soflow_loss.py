@@ -1,4 +1,4 @@
-"""Fused SoFlow losses (SOFLOW.md sections 4 and 5). Eager twins: soflow_fast.loss.fm_loss and consistency_loss.
+"""Fused SoFlow losses (docs/algorithm.md sections 4 and 5). Eager twins: soflow_fast.loss.fm_loss and consistency_loss.
 
 One program per sample row. The forward computes the guided target, the row's squared error (or q^2 and F_t q
 for the consistency loss), the adaptive weight, the row's loss term and the gradient w.r.t. the network output,

@@ -1,4 +1,4 @@
-"""SoFlow's time, path and coefficient math (SOFLOW.md sections 1, 2, 6, 7), as pure functions.
+"""SoFlow's time, path and coefficient math (docs/algorithm.md sections 1, 2, 6, 7), as pure functions.
 
 Time conventions: data at t = 0, noise at t = 1. Per-sample times are 1-D tensors [B]; helpers broadcast them
 against [B, ...] data with `bcast`.
@@ -130,7 +130,7 @@ def derived_seed(*keys: int) -> int:
 
 
 def l_ratio(schedule: str, step: int, total_steps: int, r_init: float, r_end: float) -> float:
-    """r(k, K): the fraction of the way from t towards s at which l sits (SOFLOW.md section 6)."""
+    """r(k, K): the fraction of the way from t towards s at which l sits (docs/algorithm.md section 6)."""
     name = str(schedule).lower()
     frac = step / total_steps
     if name == "const":
@@ -162,7 +162,7 @@ def sampling_times(nfe: int) -> list[float]:
 @torch.no_grad()
 def sample(net: Callable, flow: Flow, x1: Tensor, nfe: int = 1, y: Optional[Tensor] = None,
            renoise: Optional[list[Tensor]] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """N-NFE sampling (SOFLOW.md section 7): jump to t = 0, re-noise to the next time, repeat.
+    """N-NFE sampling (docs/algorithm.md section 7): jump to t = 0, re-noise to the next time, repeat.
 
     renoise: optional list of N - 1 noise tensors (one per re-noising); drawn from generator otherwise.
     """

@@ -1,4 +1,4 @@
-"""Image output: uint8 conversion (SOFLOW.md section 7), PNG grids, and ADM-evaluator .npz files."""
+"""Image output: uint8 conversion (docs/algorithm.md section 7), PNG grids, and ADM-evaluator .npz files."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""SoFlow's two losses, eager (SOFLOW.md sections 4 and 5), written on the network OUTPUTS.
+"""SoFlow's two losses, eager (docs/algorithm.md sections 4 and 5), written on the network OUTPUTS.
 
 The losses take F (the raw network output) rather than the network itself, so the training step decides how many
 network calls to make (three batched ones, or the reference's six) while the math lives here once. This module is

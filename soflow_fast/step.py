@@ -1,4 +1,4 @@
-"""One SoFlow training step's loss in three network calls (SOFLOW.md sections 6 and 8).
+"""One SoFlow training step's loss in three network calls (docs/algorithm.md sections 6 and 8).
 
 1. one batched no-gradient teacher call at x_t: FM unconditional, consistency unconditional and (mix != 1)
    consistency conditional;
@@ -29,7 +29,7 @@ from .precision import MODES, Precision, region
 
 @dataclass(frozen=True)
 class SoFlowHParams:
-    """The loss hyper-parameters, with the reference configs' names (SOFLOW.md section 6)."""
+    """The loss hyper-parameters, with the reference configs' names (docs/algorithm.md section 6)."""
 
     velocity_loss_ratio: float = 0.75
     p: float = 1.0
@@ -50,7 +50,7 @@ class SoFlowHParams:
         return n_fm, batch - n_fm
 
     def forward_equivalents(self, batch: int, guided: bool) -> float:
-        """Network forward costs of one step per SOFLOW.md section 8: backward counts as two forwards."""
+        """Network forward costs of one step per docs/algorithm.md section 8: backward counts as two forwards."""
         n_fm, n_c = self.split(batch)
         teacher = (n_fm + n_c * (2 if self.mix_ratio != 1.0 else 1)) if guided else 0
         return 3 * batch + teacher + n_c

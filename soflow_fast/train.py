@@ -259,7 +259,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # non-finite steps so far, as of the last host read (`_take_nonfinite`)
         self._stats = _DeviceStats(self.device)
-        macs = getattr(self.net.cfg, "forward_macs", None)  # known for the DiT (SOFLOW.md section 8)
+        macs = getattr(self.net.cfg, "forward_macs", None)  # known for the DiT (docs/algorithm.md section 8)
         self.flops_per_step = 2 * macs() * self.hp.forward_equivalents(
             self.micro, num_classes > 0 and self.hp.cfg_scale > 1) * self.accum * W if macs else None
         p = cfg.resolved_augment_p

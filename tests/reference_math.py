@@ -1,4 +1,4 @@
-"""An independent transcription of SOFLOW.md sections 1, 2, 4, 5 and 6, used only by the tests.
+"""An independent transcription of docs/algorithm.md sections 1, 2, 4, 5 and 6, used only by the tests.
 
 It re-derives every coefficient from the text (not from soflow_fast.flow) and runs the reference's six network calls
 per step, so agreement with the package checks both the math and the three-call batching.
@@ -55,7 +55,7 @@ def velocity(net, coef, x, t, y):
 
 
 def fm_reference(net, noising, coef, x0, x1, t, y, mask, w, m, tau, p, eps, null):
-    """SOFLOW.md section 4 with the network: returns (loss, mean mse, mean weight)."""
+    """docs/algorithm.md section 4 with the network: returns (loss, mean mse, mean weight)."""
     xt = v4(alpha(noising, t)) * x0 + v4(beta(noising, t)) * x1
     vt = v4(dalpha(noising, t)) * x0 + v4(dbeta(noising, t)) * x1
     if y is not None and w > 1:
@@ -75,7 +75,7 @@ def fm_reference(net, noising, coef, x0, x1, t, y, mask, w, m, tau, p, eps, null
 
 
 def consistency_reference(net, noising, coef, x0, x1, t, s, l, y, mask, w, m, tau, p, eps, null):
-    """SOFLOW.md section 5 with the network: returns (loss, mean q^2, mean weight)."""
+    """docs/algorithm.md section 5 with the network: returns (loss, mean q^2, mean weight)."""
     xt = v4(alpha(noising, t)) * x0 + v4(beta(noising, t)) * x1
     vt = v4(dalpha(noising, t)) * x0 + v4(dbeta(noising, t)) * x1
     if y is not None and w > 1:
@@ -106,7 +106,7 @@ def r_schedule(name, k, K, r0, r1):
 
 
 def six_call_step(net, noising, coef, hp, x0, y, noise, step, null):
-    """SOFLOW.md section 6: split, times with clamps, both losses, total = weighted by row counts."""
+    """docs/algorithm.md section 6: split, times with clamps, both losses, total = weighted by row counts."""
     B = x0.shape[0]
     n_fm = int(math.floor(hp.velocity_loss_ratio * B))
     n_c = B - n_fm

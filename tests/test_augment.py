@@ -1,4 +1,4 @@
-"""EDM augmentation as the reference's CIFAR-10 run uses it (SOFLOW.md section 6)."""
+"""EDM augmentation as the reference's CIFAR-10 run uses it (docs/algorithm.md section 6)."""
 import pytest
 import torch
 import torch.nn.functional as F

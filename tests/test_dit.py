@@ -1,4 +1,4 @@
-"""The DiT of SOFLOW.md section 3: shapes, sizes, embeddings, initialization, conditioning rules."""
+"""The DiT of docs/algorithm.md section 3: shapes, sizes, embeddings, initialization, conditioning rules."""
 import math
 
 import numpy as np

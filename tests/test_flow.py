@@ -1,4 +1,4 @@
-"""flow.py against SOFLOW.md sections 1, 2, 6, 7 (fp64 on CPU)."""
+"""flow.py against docs/algorithm.md sections 1, 2, 6, 7 (fp64 on CPU)."""
 import math
 
 import pytest

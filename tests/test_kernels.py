@@ -220,7 +220,7 @@ def test_consistency_loss(coef, dtype, shape):
 
 
 def test_consistency_gradient_is_the_stated_surrogate():
-    """SOFLOW.md 5: dloss/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l)), in fp64."""
+    """docs/algorithm.md section 5: dloss/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l)), in fp64."""
     flow = Flow("trig", "trig")
     d = loss_inputs(4, (3, 4, 4), torch.float32, seed=3)
     F = d["F"].detach().requires_grad_()

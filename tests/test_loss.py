@@ -1,4 +1,4 @@
-"""loss.py against SOFLOW.md sections 4 and 5, in fp64: values, statistics and the gradient w.r.t. the network output.
+"""loss.py against docs/algorithm.md sections 4 and 5, in fp64: values, statistics and the gradient w.r.t. the network output.
 
 Tolerance: fp64 throughout, the same operations in a different order; 1e-10 relative is far above fp64 rounding
 (~1e-16 per operation) and far below any formula error (a wrong term changes results at the 1e-2 level).
@@ -122,7 +122,7 @@ def test_consistency_loss_matches_section_5(noising, coef, guidance, p):
 
 @pytest.mark.parametrize("noising,coef", [("linear", "euler"), ("trig", "trig"), ("linear", "trig")])
 def test_consistency_gradient_equals_scaled_mse_gradient(noising, coef):
-    """SOFLOW.md: dL_C/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l))."""
+    """docs/algorithm.md section 5: dL_C/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l))."""
     flow = Flow(noising, coef)
     x0, x1, t, s, l, _, _ = _inputs()
     x_t, v_t = flow.interpolate(x0, x1, t)

@@ -1,4 +1,4 @@
-"""Loading checkpoints of the reference implementation (keys 'network.<DiT key>', SOFLOW.md section 3)."""
+"""Loading checkpoints of the reference implementation (keys 'network.<DiT key>', docs/algorithm.md section 3)."""
 import subprocess
 import sys
 

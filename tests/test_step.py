@@ -1,4 +1,4 @@
-"""The three-call step equals the reference's six-call formulation (SOFLOW.md sections 6 and 8).
+"""The three-call step equals the reference's six-call formulation (docs/algorithm.md sections 6 and 8).
 
 fp64: the same math up to summation order, so 1e-9 relative. fp32: batching rows into one call changes the matmul
 blocking, so the results differ by fp32 rounding (~1e-7 relative per op, amplified through a few layers and the

@@ -1,4 +1,4 @@
-"""EDM's geometric augmentation as the reference's CIFAR-10 run uses it (SOFLOW.md section 6).
+"""EDM's geometric augmentation as the reference's CIFAR-10 run uses it (docs/algorithm.md section 6).
 
 The reference applies EDM's AugmentPipe(p=0.12, xflip=1e8, scale=1, aniso=1, translate_frac=1) to every batch and
 feeds the network the 6-D augment labels, in this order:

@@ -11,7 +11,7 @@ ranks (rank r takes every world_size-th entry), cut into batches (drop_last). Th
 epoch comes from a generator seeded by (seed, rank, epoch, i), so the position (epoch, index) is the whole state and
 a resumed run reads exactly the batches it would have read. Two backends produce the same (mean, std, label) rows:
 a DALI pipeline (readers.numpy, on the GPU with GPUDirect Storage where cuFile supports it) and a plain PyTorch
-DataLoader over memory-mapped shards; one shared function turns them into samples (SOFLOW.md section 6):
+DataLoader over memory-mapped shards; one shared function turns them into samples (docs/algorithm.md section 6):
 x0 = (mean + std * eps) * 0.18215.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DiT with SoFlow's second time embedding (SOFLOW.md section 3).
+"""DiT with SoFlow's second time embedding (docs/algorithm.md section 3).
 
 Module and parameter names follow the reference implementation (timm's PatchEmbed / Attention / Mlp names), so a
 reference state dict loads after stripping its "network." prefix. The adaLN pieces are the functions of the model's
@@ -64,7 +64,7 @@ class DiTConfig:
         return cls(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kw)
 
     def forward_macs(self) -> int:
-        """Multiply-accumulates of one forward pass of one sample (SOFLOW.md section 8's accounting)."""
+        """Multiply-accumulates of one forward pass of one sample (docs/algorithm.md section 8's accounting)."""
         H, T = self.hidden_size, (self.input_size // self.patch_size) ** 2
         patch = self.patch_size ** 2 * self.in_channels
         per_block = T * (12 * H * H + 2 * T * H) + 6 * H * H  # qkv, proj, mlp; attention; adaLN

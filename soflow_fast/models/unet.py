@@ -1,4 +1,4 @@
-"""EDM's SongUNet (DDPM++ style) with SoFlow's second time input: the CIFAR-10 network (SOFLOW.md section 3).
+"""EDM's SongUNet (DDPM++ style) with SoFlow's second time input: the CIFAR-10 network (docs/algorithm.md section 3).
 
 The reference configures EDM's SongUNet for 32x32 RGB, unconditional, with 6-D augment labels; this module rebuilds
 that configuration (and only it: positional embedding, 'standard' encoder and decoder, DDPM++ blocks without
