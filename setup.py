@@ -43,6 +43,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["soflow_fast", "soflow_fast.*"]) + ["soflow_fast.kernels"],
     package_dir={"soflow_fast.kernels": "kernels"},
+    package_data={"soflow_fast": ["attention_table.json"]},  # attention: auto's measurements
     install_requires=[
         "torch>=2.4,<2.14",  # users bring their own CUDA build; CI pins 2.13.0 (CPU)
         "numpy>=1.24",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gc
 import inspect
 import json
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # --tiny's Triton variants on a CPU; before triton is imported
@@ -59,6 +57,7 @@ import precision as precision_bench  # noqa: E402  (benchmarks/precision.py)
 import reference_math  # noqa: E402  (the reference's six-call step, as benchmarks/step.py times it)
 
 from soflow_fast import ops  # noqa: E402
+from soflow_fast.attention import SUITE_LABELS, attention_fn, flash_attn_problem, resolve_attention  # noqa: E402
 from soflow_fast.config import load_config  # noqa: E402
 from soflow_fast.fileio import atomic_open  # noqa: E402
 from soflow_fast.kernel_ops import kernel_ops_for, resolve_kernels  # noqa: E402
@@ -595,22 +594,11 @@ def call_shapes(hp, batch: int) -> list[tuple[str, int]]:
     return [("teacher", n_fm + n_c * (2 if hp.mix_ratio != 1.0 else 1)), ("x_l", n_c), ("gradient", batch)]
 
 
-def forced_sdpa(backend, q, k, v):
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(q, k, v)
-
-
 def attention_impls(q: torch.Tensor) -> dict[str, Optional[Callable]]:
-    from torch.nn.attention import SDPBackend
-
-    impls: dict[str, Optional[Callable]] = {"sdpa (its own choice)": F.scaled_dot_product_attention}
-    for label, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                           ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-        impls[f"sdpa {label}"] = functools.partial(forced_sdpa, backend)
-    impls["flash-attn"] = ops.attention if ops.attention_backend(q) == "flash-attn" else None
-    return impls
+    """gpu_suite's label -> the callable the model's `attention` key resolves to (flash-attn: None if unusable)."""
+    bf16 = q.dtype == torch.bfloat16
+    return {label: None if name == "flash-attn" and flash_attn_problem(q.device, bf16, q.shape[-1]) else
+            attention_fn(name) for label, name in SUITE_LABELS.items()}
 
 
 def time_attention(ctx: Ctx, fn: Callable, rows: int, cfg: DiTConfig) -> dict:
@@ -630,7 +618,8 @@ def stage_attention(ctx: Ctx) -> dict:
     hp, B = load_config(RECIPE).hparams, ctx.shapes.batches[0]
     probe = torch.empty(1, 1, 1, cfg.hidden_size // cfg.num_heads, device=ctx.device, dtype=torch.bfloat16)
     out = {"batch": B, "heads": cfg.num_heads, "head_dim": cfg.hidden_size // cfg.num_heads,
-           "tokens": (cfg.input_size // cfg.patch_size) ** 2, "model_uses": ops.attention_backend(probe), "rows": []}
+           "tokens": (cfg.input_size // cfg.patch_size) ** 2, "rows": [],
+           "model_uses": resolve_attention("auto", ctx.device, bf16=True, head_dim=probe.shape[-1]).describe()}
     for call, rows in call_shapes(hp, B):
         for impl, fn in attention_impls(probe).items():
             row = {"call": call, "rows": rows, "impl": impl}

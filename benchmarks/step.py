@@ -1,7 +1,7 @@
 """Training-step throughput: the three-call step vs the reference's six-call formulation, on this device.
 
     python benchmarks/step.py configs/digits.yaml [--batch-size N] [--steps 10] [--warmup 3] [--set key=value]
-    python benchmarks/step.py configs/imagenet.yaml --host-path [--steps 30]
+    python benchmarks/step.py configs/imagenet.yaml --host-path [--steps 30] [--compiled] [--set model_type=DiT-XL-2]
 
 A step = loss forward + backward + AdamW update. Model FLOPs are counted as docs/algorithm.md section 8 (forward MACs x 2 x
 forward-equivalents per step, the same count for both formulations, so the FLOP/s ratio is the speed ratio). On CPU
@@ -11,6 +11,8 @@ the same run measures this machine's fp32 matmul rate and prints each step's fra
 triton, on the config's DiT with its depth and op count but width 32, 4 tokens and batch 8, so that compute is
 negligible;
 the Triton launches are recorded instead of run (benchmarks/kernels.py), so the launch itself is not counted.
+--compiled adds the eager-kernel network compiled whole (compile 'model', inductor unless SOFLOW_COMPILE_BACKEND says
+otherwise; minutes to compile at XL/2's depth 28 on a CPU, so it is opt-in), timed in the same alternation.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from soflow_fast.config import load_config, parse_override  # noqa: E402
 from soflow_fast.kernel_ops import kernel_ops_for  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
 from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
-from soflow_fast.parallel import resolve_device  # noqa: E402
+from soflow_fast.parallel import compile_backend, parallelize, resolve_device  # noqa: E402
 from soflow_fast.precision import numerics, region, resolve_precision  # noqa: E402
 
 
@@ -60,21 +62,24 @@ def matmul_rate(device: torch.device, n: int = 1024, reps: int = 10) -> float:
     return 2 * n ** 3 / time_steps(lambda: a @ b, reps, 2, device)
 
 
-def host_path(cfg, in_ch: int, classes: int, steps: int) -> None:
-    """Print the median host ms per three-call step, eager vs Triton ops (see the module doc); their steps alternate,
-    so drift on a shared machine hits both alike."""
+def host_path(cfg, in_ch: int, classes: int, steps: int, compiled: bool) -> None:
+    """Print the median host ms per three-call step, eager vs Triton ops and (compiled) the compiled network (see the
+    module doc); their steps alternate, so drift on a shared machine hits all alike."""
     import kernels as kernel_bench  # benchmarks/kernels.py: the launch recorder
 
     hp, flow, B = cfg.hparams, cfg.flow, 8  # the op count does not depend on the batch; compute should not count
     runs = {}
-    for impl in ("eager", "triton"):
+    for impl in ("eager", "triton") + (("compiled",) if compiled else ()):
         torch.manual_seed(cfg.seed)
         if cfg.model_type in UNET_SIZES:
             raise ValueError(f"--host-path: model_type {cfg.model_type}: only DiT models have the adaLN ops")
         patch = cfg.patch_size or DIT_SIZES[canonical_size(cfg.model_type)][0]
         model = build_model(cfg.model_type, input_size=2 * patch, in_channels=in_ch, num_classes=classes,
-                            null_class=cfg.cfg_drop_rate > 0, kernels=impl, hidden_size=32, num_heads=2,
-                            **({"depth": cfg.depth} if cfg.depth else {}))
+                            null_class=cfg.cfg_drop_rate > 0, kernels="triton" if impl == "triton" else "eager",
+                            hidden_size=32, num_heads=2, **({"depth": cfg.depth} if cfg.depth else {}))
+        if impl == "compiled":
+            model = parallelize(model, "none", param_dtype=None, activation_checkpointing=False, compile="model",
+                                device=torch.device("cpu"))
         x0 = torch.randn(B, in_ch, 2 * patch, 2 * patch)
         y = torch.randint(0, classes, (B,)) if classes else None
         guided = y is not None and hp.cfg_scale > 1
@@ -86,20 +91,24 @@ def host_path(cfg, in_ch: int, classes: int, steps: int) -> None:
                 soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label,
                             kernel_ops=model.kernel_ops).loss.backward()
         runs[impl] = (step, [], len(model.blocks))
-    for i in range(steps + 3):
+    for i in range(steps + 3):  # the first calls compile (compiled), so three warm-up rounds
         for step, times, _ in runs.values():
             t0 = time.perf_counter()
             step()
             if i >= 3:
                 times.append(time.perf_counter() - t0)
+    if compiled:
+        print(f"compiled network: {compile_backend()} on CPU, compile model")
     print(f"host time per three-call step (loss forward + backward), {cfg.model_type} depth {runs['eager'][2]} at width "
           f"32 and 4 tokens, batch {B}, CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; Triton launches recorded, not run; median of {steps} alternating steps")
-    print("| kernels | host ms per step | vs eager |")
+    print("| kernels | host ms per step | vs eager |")  # compiled: eager kernels, the network compiled whole
     print("|---|---|---|")
     base = statistics.median(runs["eager"][1])
     for impl, (_, times, _) in runs.items():
         print(f"| {impl} | {statistics.median(times) * 1e3:.1f} | {statistics.median(times) / base:.2f}x |")
+    if compiled:
+        print(f"host time eager / compiled: {base / statistics.median(runs['compiled'][1]):.2f}x")
 
 
 def main() -> None:
@@ -110,6 +119,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--host-path", action="store_true", help="host time per step, eager vs Triton ops (CPU)")
+    ap.add_argument("--compiled", action="store_true", help="--host-path: also the network compiled whole")
     args = ap.parse_args()
     overrides = dict(parse_override(s) for s in args.set)
     if args.batch_size:
@@ -125,7 +135,7 @@ def main() -> None:
         cfg.dataset_type]
     if args.host_path:
         torch.set_num_threads(1)
-        host_path(cfg, in_ch, classes, args.steps)
+        host_path(cfg, in_ch, classes, args.steps, args.compiled)
         return
     over = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(cfg, k)}
     torch.manual_seed(cfg.seed)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .attention import ATTENTION_MODES
 from .flow import L_SCHEDULES, Flow
 from .models import is_model_type
 from .kernel_ops import KERNEL_MODES
@@ -100,6 +101,13 @@ class TrainConfig:
     reshard_after_forward: bool | str = "auto"  # FSDP2 blocks free their gathered weights after each forward:
     #                                         auto (= false on one node, <= 8 ranks; true beyond) | true | false
     peak_tflops: float = 0.0                # per-device peak for MFU (0 = from the table of known devices)
+    attention: str = "auto"                 # the DiT's attention, chosen once at build: auto (= the measured fastest
+    #                                         for this GPU, soflow_fast/attention_table.json; without a measurement
+    #                                         flash-attn when usable, else sdpa) | sdpa (PyTorch's dispatch) |
+    #                                         flash-attn | cudnn | flash | efficient | math (that SDPA backend forced)
+    cuda_graphs: bool = False               # UNTESTED ON A GPU: torch.compile(mode="reduce-overhead") of the network
+    #                                         (CUDA graph trees) with a capturable optimizer; needs compile model (or
+    #                                         auto) on CUDA. Default false until a GPU run shows it correct and faster
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -197,11 +205,14 @@ class TrainConfig:
         for key, allowed in (("kernels", KERNEL_MODES), ("precision", PRECISIONS),
                              ("optimizer", ("auto", "adamw", "radam", "fused_adamw_ema", "apex")),
                              ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda")),
-                             ("parallel", ("none", "ddp", "fsdp")), ("compile", COMPILE_MODES)):
+                             ("parallel", ("none", "ddp", "fsdp")), ("compile", COMPILE_MODES),
+                             ("attention", ATTENTION_MODES)):
             if getattr(self, key) not in allowed:
                 raise bad(key, f"expected one of {list(allowed)}")
         if not (isinstance(self.reshard_after_forward, bool) or self.reshard_after_forward == "auto"):
             raise bad("reshard_after_forward", "expected auto, true or false")
+        if self.attention != "auto" and not self.model_type.startswith("DiT"):
+            raise bad("attention", "the U-Net's attention is chosen per call; only auto applies to it")
         if self.compile == "blocks" and not self.model_type.startswith("DiT"):
             raise bad("compile", "'blocks' compiles each DiT block; the U-Net has none: use model")
         if bool(self.eval_fid_reference) != bool(self.eval_inception):

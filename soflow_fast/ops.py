@@ -69,11 +69,17 @@ def attention_backend(q: Tensor) -> str:
     return "flash-attn" if usable and _flash_attn_func() is not None else "sdpa"
 
 
+def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """flash-attn's attention on q, k, v [B, H, T, Dh] (CUDA, bf16/fp16; the package must be installed)."""
+    # flash-attn takes [B, T, H, Dh]; FA3 returns (out, lse) in some versions.
+    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Multi-head self-attention, q, k, v [B, H, T, Dh] -> [B, H, T, Dh]."""
+    """Multi-head self-attention, q, k, v [B, H, T, Dh] -> [B, H, T, Dh], chosen per call (the U-Net's; the DiT
+    takes the implementation soflow_fast.attention resolved once, at build)."""
     if attention_backend(q) == "flash-attn":
-        # flash-attn takes [B, T, H, Dh]; FA3 returns (out, lse) in some versions.
-        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out[0] if isinstance(out, tuple) else out
-        return out.transpose(1, 2)
+        return flash_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

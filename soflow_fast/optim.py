@@ -153,13 +153,15 @@ class FusedAdamWEMA(torch.optim.Optimizer):
 
 def build_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
                     eps: float = 1e-8, ema_params: Iterable[torch.Tensor] | None = None,
-                    ema_decay: float = 0.9999) -> torch.optim.Optimizer:
-    """The optimizer for `kind`; `ema_params` are only handed to 'fused_adamw_ema' (which updates them)."""
+                    ema_decay: float = 0.9999, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer for `kind`; `ema_params` are only handed to 'fused_adamw_ema' (which updates them).
+    capturable (cuda_graphs): AdamW keeps its whole state on the GPU, safe to capture in a CUDA graph (RAdam on CUDA
+    always is); the host-stepped 'fused_adamw_ema' and 'apex' are unchanged."""
     params = list(params)
     tensors = [t for g in params for t in g["params"]] if params and isinstance(params[0], dict) else params
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     if kind == "adamw":
-        flag = {"fused": True} if on_cuda else {"foreach": True}
+        flag = {"fused": True, "capturable": capturable} if on_cuda else {"foreach": True}
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **flag)
     if kind == "radam":  # the reference's CIFAR-10 optimizer, with its (L2-style) weight decay as the reference
         # capturable on CUDA: the step count then lives on the GPU, where a skipped step can undo it without a sync

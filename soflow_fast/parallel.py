@@ -71,6 +71,16 @@ def resolve_compile(name: str, device: torch.device | str) -> str:
     return name
 
 
+def check_cuda_graphs(compile: str, device: torch.device | str, parallel: str) -> None:
+    """cuda_graphs: true needs the whole network compiled (a resolved compile 'model'), on CUDA, without FSDP (whose
+    'model' compiles each block between its hooks); raises ValueError naming cuda_graphs otherwise."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs = true needs a CUDA device, not {torch.device(device).type}; set it false")
+    if compile != "model" or parallel == "fsdp":
+        why = f"parallel {parallel}" if compile == "model" else f"compile {compile}"
+        raise ValueError(f"cuda_graphs = true needs compile model (or auto) without FSDP, not {why}")
+
+
 def compile_backend() -> str:
     """torch.compile's backend: inductor, unless SOFLOW_COMPILE_BACKEND names another (tests use aot_eager: the same
     graphs run by eager kernels, compiled in seconds on a CPU)."""
@@ -100,12 +110,14 @@ def _checkpointed(forward: Callable) -> Callable:
 
 
 def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtype], activation_checkpointing: bool,
-                compile: str, device: torch.device, reshard_after_forward: Optional[bool] = None) -> nn.Module:
+                compile: str, device: torch.device, reshard_after_forward: Optional[bool] = None,
+                cuda_graphs: bool = False) -> nn.Module:
     """Apply AC, torch.compile and FSDP2 / DDP to a network; AC and per-block work act on its `.blocks` (the DiT's).
 
     compile: a resolved mode ('none' | 'blocks' | 'model', see resolve_compile). reshard_after_forward: FSDP2's
     choice for the blocks (None = auto: resolve_reshard_after_forward); the root never reshards after forward (the
-    backward needs it at once).
+    backward needs it at once). cuda_graphs: compile with mode "reduce-overhead" (CUDA graph trees; checked by
+    check_cuda_graphs; UNTESTED ON A GPU).
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel: unknown value {mode!r}; expected one of {list(PARALLEL_MODES)}")
@@ -124,8 +136,12 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
         targets = blocks
     else:
         targets = [model] if compile == "model" else []
+    # cuda_graphs: cudagraph trees record each compiled call once per shape and replay it, with no per-kernel launch
+    # cost on the host. Only the network is captured: the step's random draws (host-seeded generators) and the
+    # optimizer and EMA updates run outside the graphs.
+    mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
     for module in targets:  # dynamic=False: a step's calls have fixed shapes, one graph each, reused every step
-        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True)
+        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True, **mode)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

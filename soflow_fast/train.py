@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt_io
 from . import ops
+from .attention import AttentionChoice, resolve_attention
 from .config import ConfigError, TrainConfig
 from .data.augment import AugmentConfig, AugmentPipe
 from .data.loader import TensorLoader
@@ -35,10 +36,11 @@ from .fileio import atomic_open
 from .flow import derived_seed, sample
 from .images import save_grid, to_uint8_nhwc
 from .kernel_ops import kernel_ops_for
-from .models import build_model, describe, model_from_config
+from .models import DIT_SIZES, build_model, canonical_size, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, optimizer_step, step_with_ema
-from .parallel import DistInfo, all_reduce_mean, full_tensor, init_distributed, parallelize, resolve_compile, unwrap
+from .parallel import (DistInfo, all_reduce_mean, check_cuda_graphs, full_tensor, init_distributed, parallelize,
+                       resolve_compile, unwrap)
 from .precision import emulated, numerics, region, resolve_precision
 from .step import draw_noise, soflow_loss
 
@@ -226,12 +228,19 @@ class Trainer:
         if self.compile != "none" and emulated(self.precision, self.device):
             raise ConfigError(f"config: compile = {cfg.compile!r} with precision {self.precision.name!r} on a CPU: the "
                               "bf16 emulator runs eagerly; set compile: none (or auto), or precision: fp32")
+        try:
+            if cfg.cuda_graphs:
+                check_cuda_graphs(self.compile, self.device, cfg.parallel)
+            self.attention = _resolve_attention(cfg, self.device, self.precision)
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from None
         self.loader, in_ch, num_classes = dataset_for(cfg, self.dist)
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
-                               null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device, **overrides)
+                               null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device,
+                               attention=self.attention.fn, **overrides)
         self.kernel_ops = kernel_ops_for(self.net.cfg.kernels)  # the loss functions, with the model's choice
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
@@ -239,7 +248,7 @@ class Trainer:
         reshard = None if cfg.reshard_after_forward == "auto" else cfg.reshard_after_forward
         self.model = parallelize(self.net, self.parallel, param_dtype=self.precision.fsdp_param_dtype if fsdp else None,
                                  activation_checkpointing=cfg.activation_checkpointing, compile=self.compile,
-                                 device=self.device, reshard_after_forward=reshard)
+                                 device=self.device, reshard_after_forward=reshard, cuda_graphs=cfg.cuda_graphs)
         named = list(unwrap(self.model).named_parameters())
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -251,7 +260,8 @@ class Trainer:
         try:
             self.optimizer = build_optimizer(self.optimizer_kind, self.params, lr=cfg.learning_rate,
                                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                             ema_params=self.ema, ema_decay=cfg.ema_decay_rate)
+                                             ema_params=self.ema, ema_decay=cfg.ema_decay_rate,
+                                             capturable=cfg.cuda_graphs)
         except RuntimeError as e:
             raise ConfigError(f"config: optimizer = {cfg.optimizer!r}: {e}") from None
         self.trainable = [p for p in self.params if p.requires_grad]
@@ -341,6 +351,8 @@ class Trainer:
             rows = slice(a * self.micro, (a + 1) * self.micro)
             xm, ym = x0[rows], None if y is None else y[rows]
             index = self.dist.rank * self.accum + a  # the GLOBAL micro-batch index keys the randomness
+            # Seeded on the host each micro-batch; with cuda_graphs the draws stay graph-safe because they run here,
+            # eagerly, outside the captured graphs, which capture only the compiled network's calls.
             gen = torch.Generator(self.device).manual_seed(derived_seed(self.cfg.seed, self.step, index))
             noise = draw_noise(self.hp, xm, guided, gen,
                                dropout_seed=derived_seed(self.cfg.seed, self.step, index, DROPOUT_STREAM))
@@ -406,12 +418,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
             log.info("optimizer backends available: %s", optimizer_backends())
-            log.info("device %s x %d ranks (%s), precision %s, kernels %s (%s), compile %s, attention %s, "
+            log.info("attention: %s", self.attention.describe())
+            log.info("device %s x %d ranks (%s), precision %s, kernels %s (%s), compile %s%s, attention %s, "
                      "optimizer %s, params %.2fM, batch %d = %d ranks x %d micro-batches x %d rows, steps %d -> %d",
                      self.device, self.dist.world_size, self.parallel,
                      self.precision.name + (" (emulated)" if emulated(self.precision, self.device) else ""),
                      cfg.kernels, self.kernel_ops.describe(), self.compile,
-                     self._attention_backend(), self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
+                     " (CUDA graphs)" if cfg.cuda_graphs else "", self.attention.name, self.optimizer_kind,
+                     sum(p.numel() for p in self.params) / 1e6,
                      cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
         bar = _progress(self.step, end, progress and self.dist.is_main)
         loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
@@ -471,7 +485,7 @@ class Trainer:
     def ema_module(self) -> torch.nn.Module:
         """A plain network holding the whole EMA weights (collective under FSDP: every rank must call it)."""
         full = {n: full_tensor(t) for n, t in zip(self.param_names, self.ema)}
-        model = model_from_config(describe(self.net), self.net.cfg.kernels, self.device)
+        model = model_from_config(describe(self.net), self.net.cfg.kernels, self.device, self.attention.fn)
         state = model.state_dict()
         state.update(full)  # parameters from the EMA; buffers (the U-Net's fixed filters) as built
         load_state_strict(model, state, "EMA weights")
@@ -537,11 +551,16 @@ class Trainer:
         with atomic_open(self.run_dir / "config.yaml", "w") as fh:
             yaml.safe_dump(self.cfg.to_dict(), fh, sort_keys=False)
 
-    def _attention_backend(self) -> str:
-        head_dim = getattr(self.net.cfg, "hidden_size", 64) // getattr(self.net.cfg, "num_heads", 1)
-        dtype = torch.bfloat16 if self.precision.any_bf16 else torch.float32
-        probe = torch.empty(1, 1, 1, head_dim, device=self.device, dtype=dtype)
-        return ops.attention_backend(probe)
+
+def _resolve_attention(cfg: TrainConfig, device: torch.device, precision) -> AttentionChoice:
+    """The DiT's attention for this run (the U-Net's is chosen per call: ops.attention). flash-attn needs every call
+    in bf16: the precision modes that put the teacher, FM and pair calls all in bf16."""
+    if not cfg.model_type.startswith("DiT"):
+        return AttentionChoice("per call", ops.attention, "the U-Net's: sdpa, or flash-attn for bf16 CUDA tensors")
+    _, hidden, _, heads = DIT_SIZES[canonical_size(cfg.model_type)]
+    head_dim = (cfg.hidden_size or hidden) // (cfg.num_heads or heads)
+    bf16 = precision.teacher_bf16 and precision.fm_bf16 and precision.pair_bf16
+    return resolve_attention(cfg.attention, device, bf16=bf16, head_dim=head_dim)
 
 
 def _peak_memory_gb(device: torch.device) -> float:

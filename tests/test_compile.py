@@ -159,3 +159,31 @@ def test_flash_attn_lookup_traces():
     """`attention` asks for flash-attn inside compiled graphs (CUDA, bf16): the lookup must not import there."""
     fn = torch.compile(lambda q: q + (ops._flash_attn_func() is None), backend="eager", fullgraph=True)
     assert fn(torch.zeros(1)).item() == float(ops._flash_attn_func() is None)
+
+
+def test_cuda_graphs_needs_compile_model_on_cuda():
+    """cuda_graphs (UNTESTED ON A GPU) is refused, naming the key, unless the whole network is compiled on CUDA."""
+    from soflow_fast.parallel import check_cuda_graphs
+
+    with pytest.raises(ValueError, match="^cuda_graphs = true needs a CUDA device, not cpu"):
+        check_cuda_graphs("model", "cpu", "none")
+    for mode in ("none", "blocks"):
+        with pytest.raises(ValueError, match=f"^cuda_graphs = true needs compile model .* not compile {mode}$"):
+            check_cuda_graphs(resolve_compile(mode, "cuda"), "cuda", "none")
+    with pytest.raises(ValueError, match="not parallel fsdp$"):
+        check_cuda_graphs("model", "cuda", "fsdp")
+    check_cuda_graphs(resolve_compile("auto", "cuda"), "cuda", "ddp")  # auto on CUDA is model: accepted
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_graphs_compiles_with_reduce_overhead(monkeypatch, cuda_graphs):
+    """With cuda_graphs the network is compiled whole with mode="reduce-overhead" (cudagraph trees); without, in the
+    default mode. torch.compile is recorded, not run: CUDA graphs need a GPU."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    net, _ = twins("dit")
+    parallelize(net, "none", param_dtype=None, activation_checkpointing=False, compile="model",
+                device=torch.device("cuda"), cuda_graphs=cuda_graphs)
+    assert [name for name, _ in calls] == ["DiT"]
+    assert calls[0][1].get("mode") == ("reduce-overhead" if cuda_graphs else None)
+    assert calls[0][1]["fullgraph"] and calls[0][1]["dynamic"] is False

@@ -136,3 +136,19 @@ def test_reshard_after_forward_values():
         TrainConfig.from_dict(_with(reshard_after_forward="yes"))
     with pytest.raises(ConfigError, match="reshard_after_forward = 1: expected bool or str"):
         TrainConfig.from_dict(_with(reshard_after_forward=1))
+
+
+def test_attention_modes():
+    for value in ("auto", "sdpa", "flash-attn", "cudnn", "flash", "efficient", "math"):
+        assert TrainConfig.from_dict(_with(attention=value)).attention == value
+    with pytest.raises(ConfigError, match=r"attention = 'xformers': expected one of \['auto', 'sdpa', 'flash-attn'"):
+        TrainConfig.from_dict(_with(attention="xformers"))
+    with pytest.raises(ConfigError, match="attention = 'math': the U-Net's attention is chosen per call"):
+        TrainConfig.from_dict(_with(attention="math", model_type="UNet-T", dataset_type="CIFAR10", num_classes=0,
+                                    cfg_scale=1.0))
+
+
+def test_cuda_graphs_is_a_bool_off_by_default():
+    assert TrainConfig().cuda_graphs is False
+    with pytest.raises(ConfigError, match="cuda_graphs = 'yes': expected bool"):
+        TrainConfig.from_dict(_with(cuda_graphs="yes"))

@@ -191,3 +191,17 @@ def test_compile_refused_under_the_bf16_emulator(tmp_path):
     with pytest.raises(ConfigError, match="compile = 'model' with precision 'bf16' on a CPU"):
         make(tmp_path, compile="model", precision="bf16")
     assert make(tmp_path, compile="auto", precision="bf16").compile == "none"  # auto is none on a CPU
+
+
+def test_attention_and_cuda_graphs_resolved_at_start(tmp_path, caplog):
+    """The DiT's attention is resolved once (auto on a CPU: sdpa) and logged; flash-attn without the package (or a
+    GPU) and cuda_graphs on a CPU are refused in one line naming the key."""
+    tr = make(tmp_path, total_steps=1)
+    assert tr.attention.name == "sdpa" and all(b.attn.attend is tr.attention.fn for b in tr.net.blocks)
+    with caplog.at_level("INFO", logger="soflow_fast"):
+        tr.fit(progress=False)
+    assert "attention: sdpa (auto on cpu)" in [r.getMessage() for r in caplog.records]
+    with pytest.raises(ConfigError, match=r"^config: attention: 'flash-attn': [^\n]*$"):
+        make(tmp_path, "fa", attention="flash-attn")
+    with pytest.raises(ConfigError, match=r"^config: cuda_graphs = true needs a CUDA device, not cpu; set it false$"):
+        make(tmp_path, "graphs", cuda_graphs=True)

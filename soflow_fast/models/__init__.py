@@ -5,18 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernel_ops import resolve_kernels
-from .dit import DIT_SIZES, DiT, DiTConfig, canonical_size
+from .dit import DIT_SIZES, AttentionFn, DiT, DiTConfig, canonical_size
 from .unet import UNET_SIZES, SongUNet, UNetConfig, build_unet
 
 
 def build_model(size: str, *, input_size: int, in_channels: int, num_classes: int, null_class: bool = True,
-                kernels: str = "eager", device: torch.device | str = "cpu", **overrides) -> DiT:
+                kernels: str = "eager", device: torch.device | str = "cpu",
+                attention: AttentionFn = F.scaled_dot_product_attention, **overrides) -> DiT:
     """A DiT of a named size ('DiT-XL/2', 'DiT-B-4', ...); overrides (hidden_size, depth, ...) replace table entries.
 
     kernels: 'auto' | 'triton' | 'eager' ('auto' = per op, what kernels/choices.py measured faster on this device).
+    attention: the DiT's implementation, resolved by soflow_fast.attention.resolve_attention (the U-Net's is chosen
+    per call: ops.attention).
     """
     if size in UNET_SIZES:
         if num_classes:
@@ -28,7 +32,7 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
     fields.update(overrides)
     cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, null_class=null_class,
                     kernels=impl, **fields)
-    return DiT(cfg).to(device)
+    return DiT(cfg, attention).to(device)
 
 
 KINDS = {"dit": (DiT, DiTConfig), "unet": (SongUNet, UNetConfig)}
@@ -40,15 +44,17 @@ def describe(model: nn.Module) -> dict:
     return {"kind": kind, "config": {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "kernels"}}
 
 
-def model_from_config(description: dict, kernels: str = "eager", device: torch.device | str = "cpu") -> nn.Module:
-    """The inverse of describe()."""
+def model_from_config(description: dict, kernels: str = "eager", device: torch.device | str = "cpu",
+                      attention: AttentionFn = F.scaled_dot_product_attention) -> nn.Module:
+    """The inverse of describe() (attention: as build_model's, for a DiT)."""
     kind, config = description.get("kind"), description.get("config", {})
     if kind not in KINDS:
         raise ValueError(f"model description: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     cls, cfg_cls = KINDS[kind]
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     config = {k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v for k, v in config.items()}
-    return cls(cfg_cls(**config, kernels=resolve_kernels(kernels, device))).to(device)
+    cfg = cfg_cls(**config, kernels=resolve_kernels(kernels, device))
+    return (DiT(cfg, attention) if cls is DiT else cls(cfg)).to(device)
 
 
 def is_model_type(name: str) -> bool:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
@@ -168,10 +169,16 @@ class PatchEmbed(nn.Module):
         return out, d.flatten(2).transpose(1, 2).contiguous()
 
 
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    """attend: q, k, v [B, H, T, Dh] -> [B, H, T, Dh], resolved once at build (soflow_fast.attention)."""
+
+    def __init__(self, hidden: int, heads: int, attend: AttentionFn = F.scaled_dot_product_attention):
         super().__init__()
         self.heads = heads
+        self.attend = attend
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
@@ -185,7 +192,7 @@ class Attention(nn.Module):
             return o.transpose(1, 2).reshape(B, T, D)
 
         q, k, v = heads(self.qkv(x))
-        out = self.proj(merge(ops.attention(q, k, v)))
+        out = self.proj(merge(self.attend(q, k, v)))
         if dx is None:
             return out
         dq, dk, dv = heads(linear_difference(self.qkv, dx))
@@ -225,10 +232,10 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig, kernel_ops: KernelOps):
+    def __init__(self, cfg: DiTConfig, kernel_ops: KernelOps, attention: AttentionFn):
         super().__init__()
         self.kernel_ops = kernel_ops
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, attention)
         self.mlp = Mlp(cfg.hidden_size, cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
 
@@ -289,9 +296,10 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """F(x, t, s, y): x [B, C, H, W], t and s [B] in [0, 1], y [B] int64 or None (the null label)."""
+    """F(x, t, s, y): x [B, C, H, W], t and s [B] in [0, 1], y [B] int64 or None (the null label). attention: the
+    blocks' implementation (soflow_fast.attention.resolve_attention; default PyTorch SDPA)."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, attention: AttentionFn = F.scaled_dot_product_attention):
         super().__init__()
         self.cfg = cfg
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
@@ -302,7 +310,7 @@ class DiT(nn.Module):
         # A frozen parameter (not a buffer) so that it sits in checkpoints under the reference's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.hidden_size), requires_grad=False)
         self.kernel_ops = kernel_ops_for(cfg.kernels)  # resolved here, once: forward only calls its functions
-        self.blocks = nn.ModuleList(DiTBlock(cfg, self.kernel_ops) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, self.kernel_ops, attention) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg, self.kernel_ops)
         self.initialize_weights()
 
