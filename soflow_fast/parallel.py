@@ -139,9 +139,9 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
     # cuda_graphs: cudagraph trees record each compiled call once per shape and replay it, with no per-kernel launch
     # cost on the host. Only the network is captured: the step's random draws (host-seeded generators) and the
     # optimizer and EMA updates run outside the graphs.
-    mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    graphs = {"mode": "reduce-overhead"} if cuda_graphs else {}
     for module in targets:  # dynamic=False: a step's calls have fixed shapes, one graph each, reused every step
-        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True, **mode)
+        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True, **graphs)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
