@@ -1,5 +1,5 @@
-"""soflow_fast: installs the package, maps kernels/ to soflow_fast.kernels."""
-from setuptools import find_packages, setup
+"""The optional C++/CUDA extension build; the package metadata lives in pyproject.toml."""
+from setuptools import setup
 
 
 # --- optional extension soflow_fast._fused_optim (csrc/: fused AdamW + EMA step) --------------------
@@ -36,30 +36,4 @@ def _fused_optim_extension():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
 
 
-setup(
-    name="soflow_fast",
-    version="0.1.0",
-    description="Fast, exact trainer for SoFlow one-step generative models",
-    python_requires=">=3.10",
-    packages=find_packages(include=["soflow_fast", "soflow_fast.*"]) + ["soflow_fast.kernels"],
-    package_dir={"soflow_fast.kernels": "kernels"},
-    package_data={"soflow_fast": ["attention_table.json"]},  # attention: auto's measurements
-    install_requires=[
-        "torch>=2.4,<2.14",  # users bring their own CUDA build; CI pins 2.13.0 (CPU)
-        "numpy>=1.24",
-        "pyyaml>=6.0",
-        "pillow>=9.0",
-        "scikit-learn>=1.2",  # the embedded digits dataset and the digits quality classifier
-        "scipy>=1.10",
-        "triton>=3.0; platform_system == 'Linux'",  # CI pins 3.7.1 (what CUDA torch 2.13.0 pins)
-    ],
-    extras_require={
-        # GPU-only packages are optional and import-guarded: flash-attn and NVIDIA apex are installed by hand on
-        # CUDA machines (the PyPI package named "apex" is unrelated: never install it for this).
-        "data": ["nvidia-dali-cuda130>=2.4", "diffusers>=0.30", "h5py>=3.8"],  # DALI runs CPU pipelines too
-        "eval": ["tqdm>=4.60"],
-        "test": ["pytest>=7", "nvidia-dali-cuda130==2.4.0", "diffusers==0.42.1", "h5py==3.16.0", "tqdm>=4.60"],
-    },
-    entry_points={"console_scripts": ["soflow-fast=soflow_fast.cli:main"]},
-    **_fused_optim_extension(),
-)
+setup(**_fused_optim_extension())  # everything else is in pyproject.toml

@@ -56,7 +56,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import precision as precision_bench  # noqa: E402  (benchmarks/precision.py)
 import reference_math  # noqa: E402  (the reference's six-call step, as benchmarks/step.py times it)
 
-from soflow_fast import ops  # noqa: E402
 from soflow_fast.attention import SUITE_LABELS, attention_fn, flash_attn_problem, resolve_attention  # noqa: E402
 from soflow_fast.config import load_config  # noqa: E402
 from soflow_fast.fileio import atomic_open  # noqa: E402

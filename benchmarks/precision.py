@@ -130,7 +130,8 @@ def load_digits(path: str, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a digits run directory or checkpoint (trained weights)")
-    ap.add_argument("--xl-depth", type=int, default=None, help="DiT-XL/2 blocks (default: 28 on CUDA, 2 on CPU; 0 = skip)")
+    ap.add_argument("--xl-depth", type=int, default=None,
+                    help="DiT-XL/2 blocks (default: 28 on CUDA, 2 on CPU; 0 = skip)")
     ap.add_argument("--rows", type=int, default=32, help="digits rows per step (default 32: 24 FM, 8 consistency)")
     ap.add_argument("--xl-rows", type=int, default=8, help="XL/2 rows per step (default 8: 6 FM, 2 consistency)")
     ap.add_argument("--json", help="write the rows as JSON here")

@@ -3,7 +3,8 @@
     python benchmarks/step.py configs/digits.yaml [--batch-size N] [--steps 10] [--warmup 3] [--set key=value]
     python benchmarks/step.py configs/imagenet.yaml --host-path [--steps 30] [--compiled] [--set model_type=DiT-XL-2]
 
-A step = loss forward + backward + AdamW update. Model FLOPs are counted as docs/algorithm.md section 8 (forward MACs x 2 x
+A step = loss forward + backward + AdamW update. Model FLOPs are counted as docs/algorithm.md section 8 (forward
+MACs x 2 x
 forward-equivalents per step, the same count for both formulations, so the FLOP/s ratio is the speed ratio). On CPU
 the same run measures this machine's fp32 matmul rate and prints each step's fraction of it.
 
@@ -99,7 +100,8 @@ def host_path(cfg, in_ch: int, classes: int, steps: int, compiled: bool) -> None
                 times.append(time.perf_counter() - t0)
     if compiled:
         print(f"compiled network: {compile_backend()} on CPU, compile model")
-    print(f"host time per three-call step (loss forward + backward), {cfg.model_type} depth {runs['eager'][2]} at width "
+    print(f"host time per three-call step (loss forward + backward), {cfg.model_type} depth {runs['eager'][2]} "
+          "at width "
           f"32 and 4 tokens, batch {B}, CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; Triton launches recorded, not run; median of {steps} alternating steps")
     print("| kernels | host ms per step | vs eager |")  # compiled: eager kernels, the network compiled whole
@@ -176,7 +178,8 @@ def main() -> None:
     print(f"device: {name}; model {cfg.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
           f"batch {B}, precision {mode.name}, kernels {model.cfg.kernels}, "
           f"{hp.forward_equivalents(B, guided) / B:.2f} forward-equivalents/sample, {flops / 1e9:.2f} GFLOP/step")
-    head = "| formulation | step ms (median) | images/s | model TFLOP/s |" + (" fraction of fp32 matmul |" if peak else "")
+    head = ("| formulation | step ms (median) | images/s | model TFLOP/s |"
+            + (" fraction of fp32 matmul |" if peak else ""))
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for label, sec in rows:

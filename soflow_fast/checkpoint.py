@@ -94,7 +94,8 @@ def load_consolidated(path: str | os.PathLike) -> dict:
     """A single-file soflow_fast checkpoint (export / import-checkpoint), validated; errors name the file."""
     ckpt = read_checkpoint(path)
     if ckpt.get("format") != FORMAT:
-        hint = " (a reference checkpoint? convert it with `soflow-fast import-checkpoint`)" if "ema_model" in ckpt else ""
+        hint = (" (a reference checkpoint? convert it with `soflow-fast import-checkpoint`)"
+                if "ema_model" in ckpt else "")
         raise ValueError(f"checkpoint {path}: not a {FORMAT} checkpoint{hint}")
     missing = [k for k in CONSOLIDATED_KEYS if k not in ckpt]
     if missing:

@@ -145,7 +145,8 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+            more = f" (and {unknown[1:]})" if unknown[1:] else ""
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}")
         values = {k: _coerce(k, v, known[k], source) for k, v in raw.items()}
         cfg = cls(**values)
         cfg.validate(source)

@@ -542,7 +542,8 @@ class Trainer:
         rec = {"step": self.step, **res, "eval_NFE": cfg.eval_NFE}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        log.info("step %d  FID %.3f at %d NFE (%d samples)", self.step, res["fid"], cfg.eval_NFE, res["fid_num_samples"])
+        log.info("step %d  FID %.3f at %d NFE (%d samples)", self.step, res["fid"], cfg.eval_NFE,
+                 res["fid_num_samples"])
         return rec
 
     def _write_config(self) -> None:

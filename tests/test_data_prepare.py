@@ -180,7 +180,7 @@ def test_train_on_prepared_latents(images, vae_dir, tmp_path):
     recs = [_json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in recs)
     # sample from the run, decoding the latents with the same local VAE: 16x16 RGB images in the ADM layout
-    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
-                 "--vae", str(vae_dir), "--device", "cpu"]) == 0
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num-samples", "5",
+                 "--batch-size", "2", "--vae", str(vae_dir), "--device", "cpu"]) == 0
     npz = np.load(tmp_path / "s" / "samples_1nfe.npz")
     assert npz["arr_0"].shape == (5, SIZE, SIZE, 3) and npz["arr_0"].dtype == np.uint8 and npz["arr_1"].max() < 3

@@ -121,7 +121,8 @@ def test_sampling_matches_section_7(nfe):
     x = x1
     ones = torch.ones(3)
     for i in range(nfe - 1):
-        x0 = R.v4(R.a("trig", T[i] * ones, 0 * ones)) * x + R.v4(R.b("trig", T[i] * ones, 0 * ones)) * net(x, T[i] * ones, 0 * ones, None)
+        x0 = (R.v4(R.a("trig", T[i] * ones, 0 * ones)) * x
+              + R.v4(R.b("trig", T[i] * ones, 0 * ones)) * net(x, T[i] * ones, 0 * ones, None))
         x = math.cos(math.pi * T[i + 1] / 2) * x0 + math.sin(math.pi * T[i + 1] / 2) * eps[i]
     tl = T[nfe - 1] * ones
     want = R.v4(R.a("trig", tl, 0 * ones)) * x + R.v4(R.b("trig", tl, 0 * ones)) * net(x, tl, 0 * ones, None)

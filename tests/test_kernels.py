@@ -99,7 +99,8 @@ def test_gated_residual_layernorm_modulate(shape, dtype):
 
 def test_low_precision_forward_is_torch_rounding():
     """bf16 elementwise forward: bit-identical to torch (the kernels round intermediates as torch does)."""
-    x, g, y = rand(2, 7, 72, dtype=torch.bfloat16), rand(2, 72, dtype=torch.bfloat16), rand(2, 7, 72, dtype=torch.bfloat16)
+    bf16 = torch.bfloat16
+    x, g, y = rand(2, 7, 72, dtype=bf16), rand(2, 72, dtype=bf16), rand(2, 7, 72, dtype=bf16)
     assert torch.equal(adaln.gated_residual(x, g, y), ops.gated_residual_eager(x, g, y))
 
 
@@ -220,7 +221,8 @@ def test_consistency_loss(coef, dtype, shape):
 
 
 def test_consistency_gradient_is_the_stated_surrogate():
-    """docs/algorithm.md section 5: dloss/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l)), in fp64."""
+    """docs/algorithm.md section 5: dloss/dF_t = d/dF_t of mean_i w_i mean_j (f_t - sg f_l)^2 / (2 |b(t,s)| (t - l)),
+    in fp64."""
     flow = Flow("trig", "trig")
     d = loss_inputs(4, (3, 4, 4), torch.float32, seed=3)
     F = d["F"].detach().requires_grad_()

@@ -1,4 +1,5 @@
-"""loss.py against docs/algorithm.md sections 4 and 5, in fp64: values, statistics and the gradient w.r.t. the network output.
+"""loss.py against docs/algorithm.md sections 4 and 5, in fp64: values, statistics and the gradient w.r.t. the network
+output.
 
 Tolerance: fp64 throughout, the same operations in a different order; 1e-10 relative is far above fp64 rounding
 (~1e-16 per operation) and far below any formula error (a wrong term changes results at the 1e-2 level).

@@ -89,7 +89,8 @@ def test_cli_import_then_sample(tmp_path):
     ref = tmp_path / "ref.pt"
     state, ema = reference_checkpoint(ref)
     ours = tmp_path / "ours.pt"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
     r = run("import-checkpoint", str(ref), str(ours), "--num-classes", "10", "--num-heads", "4")
     assert r.returncode == 0, r.stderr
     ck = load_consolidated(ours)

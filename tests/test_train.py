@@ -41,7 +41,8 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
     log_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    by_step = lambda log: {r["step"]: r["loss"] for r in log}
+    def by_step(log):
+        return {r["step"]: r["loss"] for r in log}
     # windows (2, 6] cover the same steps in both runs; the interrupted run also logged at its stop (step 3)
     assert by_step(log_a)[2] == by_step(log_b)[2] and by_step(log_a)[6] == by_step(log_b)[6]
 
@@ -124,7 +125,8 @@ def test_cli_train_resume_and_sample(tmp_path):
 
     cfg.write_text(yaml.safe_dump({**SMALL, "total_steps": 4, "ckpt_saving_steps": 2, "eval_demo_steps": 2,
                                    "eval_demo_shape": [2, 5]}))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "soflow_fast", *a], capture_output=True, text=True)
     r = run("train", str(cfg), "--run-dir", str(tmp_path / "r"), "--max-steps", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
     r = run("train", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress")

@@ -1,4 +1,5 @@
-"""The CIFAR-10 SongUNet (docs/algorithm.md section 3): shapes, size, reference names, the t - s input, dropout streams."""
+"""The CIFAR-10 SongUNet (docs/algorithm.md section 3): shapes, size, reference names, the t - s input, dropout
+streams."""
 import math
 
 import pytest

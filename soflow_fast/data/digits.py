@@ -32,5 +32,6 @@ def load_digits_split(held_out: float = 0.2, seed: int = 0) -> tuple[Tensor, Ten
         test_idx.extend(rng.choice(idx, size=int(round(held_out * len(idx))), replace=False))
     test = np.zeros(len(y), dtype=bool)
     test[np.asarray(test_idx)] = True
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
     return t(x[~test]), t(y[~test]), t(x[test]), t(y[test])
