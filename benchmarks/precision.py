@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--xl-rows", type=int, default=8, help="XL/2 rows per step (default 8: 6 FM, 2 consistency)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        ap.error(f"--checkpoint {args.checkpoint}: no such file or directory")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, GPU rounding emulated"
     xl_depth = args.xl_depth if args.xl_depth is not None else (28 if device.type == "cuda" else 2)
