@@ -12,8 +12,9 @@ the same run measures this machine's fp32 matmul rate and prints each step's fra
 triton, on the config's DiT with its depth and op count but width 32, 4 tokens and batch 8, so that compute is
 negligible;
 the Triton launches are recorded instead of run (benchmarks/kernels.py), so the launch itself is not counted.
---compiled adds the eager-kernel network compiled whole (compile 'model', inductor unless SOFLOW_COMPILE_BACKEND says
-otherwise; minutes to compile at XL/2's depth 28 on a CPU, so it is opt-in), timed in the same alternation.
+--compiled adds the eager-kernel network compiled whole (compile 'model') and the whole loss compiled as one graph
+(compile 'step'), inductor unless SOFLOW_COMPILE_BACKEND says otherwise (minutes to compile at XL/2's depth 28 on a
+CPU, so it is opt-in), timed in the same alternation.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import reference_math  # noqa: E402  (the six-call transcription the parity test
 from soflow_fast.config import load_config, parse_override  # noqa: E402
 from soflow_fast.kernel_ops import kernel_ops_for  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
-from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
+from soflow_fast.step import compiled_loss, draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.parallel import compile_backend, parallelize, resolve_device  # noqa: E402
 from soflow_fast.precision import numerics, region, resolve_precision  # noqa: E402
 
@@ -70,7 +71,7 @@ def host_path(cfg, in_ch: int, classes: int, steps: int, compiled: bool) -> None
 
     hp, flow, B = cfg.hparams, cfg.flow, 8  # the op count does not depend on the batch; compute should not count
     runs = {}
-    for impl in ("eager", "triton") + (("compiled",) if compiled else ()):
+    for impl in ("eager", "triton") + (("compiled", "compiled step") if compiled else ()):
         torch.manual_seed(cfg.seed)
         if cfg.model_type in UNET_SIZES:
             raise ValueError(f"--host-path: model_type {cfg.model_type}: only DiT models have the adaLN ops")
@@ -81,16 +82,17 @@ def host_path(cfg, in_ch: int, classes: int, steps: int, compiled: bool) -> None
         if impl == "compiled":
             model = parallelize(model, "none", param_dtype=None, activation_checkpointing=False, compile="model",
                                 device=torch.device("cpu"))
+        loss_fn = compiled_loss(compile_backend()) if impl == "compiled step" else soflow_loss
         x0 = torch.randn(B, in_ch, 2 * patch, 2 * patch)
         y = torch.randint(0, classes, (B,)) if classes else None
         guided = y is not None and hp.cfg_scale > 1
         gen = torch.Generator().manual_seed(0)
 
-        def step(model=model, impl=impl, y=y, guided=guided, gen=gen, x0=x0):
+        def step(model=model, impl=impl, y=y, guided=guided, gen=gen, x0=x0, loss_fn=loss_fn):
             with kernel_bench.launches_stubbed() if impl == "triton" else contextlib.nullcontext():
                 noise = draw_noise(hp, x0, guided, gen)
-                soflow_loss(model, flow, hp, x0, y, noise, 0, model.null_label,
-                            kernel_ops=model.kernel_ops).loss.backward()
+                loss_fn(model, flow, hp, x0, y, noise, 0, model.null_label,
+                        kernel_ops=model.kernel_ops).loss.backward()
         runs[impl] = (step, [], len(model.blocks))
     for i in range(steps + 3):  # the first calls compile (compiled), so three warm-up rounds
         for step, times, _ in runs.values():
@@ -99,18 +101,19 @@ def host_path(cfg, in_ch: int, classes: int, steps: int, compiled: bool) -> None
             if i >= 3:
                 times.append(time.perf_counter() - t0)
     if compiled:
-        print(f"compiled network: {compile_backend()} on CPU, compile model")
+        print(f"compiled: {compile_backend()} on CPU; compiled = compile model (the network), compiled step = compile "
+              "step (the whole loss, soflow_fast.step.compiled_loss)")
     print(f"host time per three-call step (loss forward + backward), {cfg.model_type} depth {runs['eager'][2]} "
           "at width "
           f"32 and 4 tokens, batch {B}, CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; Triton launches recorded, not run; median of {steps} alternating steps")
-    print("| kernels | host ms per step | vs eager |")  # compiled: eager kernels, the network compiled whole
+    print("| kernels | host ms per step | vs eager |")  # compiled rows: eager kernels
     print("|---|---|---|")
     base = statistics.median(runs["eager"][1])
     for impl, (_, times, _) in runs.items():
         print(f"| {impl} | {statistics.median(times) * 1e3:.1f} | {statistics.median(times) / base:.2f}x |")
-    if compiled:
-        print(f"host time eager / compiled: {base / statistics.median(runs['compiled'][1]):.2f}x")
+    for impl in ("compiled", "compiled step") if compiled else ():
+        print(f"host time eager / {impl}: {base / statistics.median(runs[impl][1]):.2f}x")
 
 
 def main() -> None:
@@ -121,7 +124,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--host-path", action="store_true", help="host time per step, eager vs Triton ops (CPU)")
-    ap.add_argument("--compiled", action="store_true", help="--host-path: also the network compiled whole")
+    ap.add_argument("--compiled", action="store_true", help="--host-path: also compile model and step")
     args = ap.parse_args()
     overrides = dict(parse_override(s) for s in args.set)
     if args.batch_size:

@@ -144,7 +144,8 @@ def l_ratio(schedule: str, step: int, total_steps: int, r_init: float, r_end: fl
     raise ValueError(f"l_schedule: unknown value {schedule!r}; expected one of {list(L_SCHEDULES)}")
 
 
-def consistency_times(s_draw: Tensor, t_draw: Tensor, ratio: float, gap: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+def consistency_times(s_draw: Tensor, t_draw: Tensor, ratio: float | Tensor,
+                      gap: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
     """(t, s, l) from raw draws: t = max(t_draw, gap), s = min(s_draw, t - gap), l = min(t + (s - t) r, t - gap)."""
     t = t_draw.clamp(min=gap)
     s = torch.minimum(s_draw, t - gap)

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
-# none: eager; blocks: torch.compile each DiT block; model: the whole network (one graph per call shape);
+# none: eager; blocks: torch.compile each DiT block; model: the whole network (one graph per call shape); step: the
+# whole loss of a step, its three calls and the loss math, one graph (soflow_fast.step.compiled_loss; parallel none);
 # auto: model on CUDA, none elsewhere (this project's 2-core CPU, digits config: 84 s to compile, then no faster).
-COMPILE_MODES = ("auto", "none", "blocks", "model")
+COMPILE_MODES = ("auto", "none", "blocks", "model", "step")
 GPUS_PER_NODE = 8  # FSDP2 worlds up to one node keep the blocks gathered after forward (resolve_reshard_after_forward)
 
 
@@ -63,7 +64,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def resolve_compile(name: str, device: torch.device | str) -> str:
-    """'auto' -> 'model' on CUDA, 'none' elsewhere; 'none', 'blocks' and 'model' are taken as asked."""
+    """'auto' -> 'model' on CUDA, 'none' elsewhere; the other modes are taken as asked."""
     if name not in COMPILE_MODES:
         raise ValueError(f"compile: unknown value {name!r}; expected one of {list(COMPILE_MODES)}")
     if name == "auto":
@@ -72,13 +73,14 @@ def resolve_compile(name: str, device: torch.device | str) -> str:
 
 
 def check_cuda_graphs(compile: str, device: torch.device | str, parallel: str) -> None:
-    """cuda_graphs: true needs the whole network compiled (a resolved compile 'model'), on CUDA, without FSDP (whose
-    'model' compiles each block between its hooks); raises ValueError naming cuda_graphs otherwise."""
+    """cuda_graphs: true needs the whole network or step compiled (a resolved compile 'model' or 'step'), on CUDA,
+    without FSDP (whose 'model' compiles each block between its hooks); raises ValueError naming cuda_graphs
+    otherwise."""
     if torch.device(device).type != "cuda":
         raise ValueError(f"cuda_graphs = true needs a CUDA device, not {torch.device(device).type}; set it false")
-    if compile != "model" or parallel == "fsdp":
-        why = f"parallel {parallel}" if compile == "model" else f"compile {compile}"
-        raise ValueError(f"cuda_graphs = true needs compile model (or auto) without FSDP, not {why}")
+    if compile not in ("model", "step") or parallel == "fsdp":
+        why = f"parallel {parallel}" if compile in ("model", "step") else f"compile {compile}"
+        raise ValueError(f"cuda_graphs = true needs compile model (or auto) or step without FSDP, not {why}")
 
 
 def compile_backend() -> str:
@@ -114,7 +116,8 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
                 cuda_graphs: bool = False) -> nn.Module:
     """Apply AC, torch.compile and FSDP2 / DDP to a network; AC and per-block work act on its `.blocks` (the DiT's).
 
-    compile: a resolved mode ('none' | 'blocks' | 'model', see resolve_compile). reshard_after_forward: FSDP2's
+    compile: a resolved mode ('none' | 'blocks' | 'model' | 'step', see resolve_compile; 'step' compiles no module
+    here: the trainer compiles the loss, soflow_fast.step.compiled_loss). reshard_after_forward: FSDP2's
     choice for the blocks (None = auto: resolve_reshard_after_forward); the root never reshards after forward (the
     backward needs it at once). cuda_graphs: compile with mode "reduce-overhead" (CUDA graph trees; checked by
     check_cuda_graphs; UNTESTED ON A GPU).
@@ -126,6 +129,8 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
     blocks = list(getattr(model, "blocks", []))
     if compile == "blocks" and not blocks:
         raise ValueError(f"compile: 'blocks' compiles each block, and {type(model).__name__} has none; use 'model'")
+    if compile == "step" and mode != "none":  # FSDP's hooks and DDP's bucketing break a whole-step graph
+        raise ValueError(f"compile: 'step' runs on one process (parallel none), not parallel {mode}; use 'model'")
     if activation_checkpointing:
         for block in blocks:
             block.forward = _checkpointed(block.forward)

@@ -91,7 +91,8 @@ def numerics(mode: Precision, device: torch.device | str) -> Iterator[None]:
 
 
 class _Local(threading.local):
-    skeleton_fp32: bool = False
+    def __init__(self) -> None:  # set on the instance from the start: a compiled step guards on its __dict__
+        self.skeleton_fp32 = False
 
 
 _local = _Local()

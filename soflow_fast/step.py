@@ -90,14 +90,15 @@ def is_stochastic(net: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _rng_stream(seed: int, device: torch.device, enabled: bool):
-    """Run a call on a stream seeded with `seed` (CPU and the CUDA device alike), restoring the global state after."""
+def _rng_stream(noise: StepNoise, offset: int, device: torch.device, enabled: bool):
+    """Run a call on a stream seeded with noise.dropout_seed + offset (CPU and the CUDA device alike), restoring the
+    global state after. The seed is read only when enabled: a compiled step would otherwise guard on its value."""
     if not enabled:
         yield
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(noise.dropout_seed + offset)
         yield
 
 
@@ -112,6 +113,38 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
                 augment_labels: Optional[Tensor] = None, precision: Precision = MODES["fp32"]) -> StepOutput:
     """The loss of one step on batch (x0, y); `step` is the finished step count k (0 at the first step).
     augment_labels [B, D] (EDM augmentation) go with their rows to every network call."""
+    ratio = l_ratio(hp.l_schedule, step, hp.total_steps, hp.l_init_ratio, hp.l_end_ratio)
+    return _loss_at(net, flow, hp, x0, y, noise, ratio, null_label, kernel_ops, augment_labels, precision)
+
+
+def compiled_loss(backend: str, cuda_graphs: bool = False) -> Callable[..., StepOutput]:
+    """soflow_loss as one compiled graph per call shape (compile: step): the three network calls, the loss math
+    and, through AOTAutograd, the whole backward, with no per-call or per-op host work between them.
+
+    The l ratio enters as a 0-dim float64 device tensor filled on the device (no host-to-device copy), so the graph
+    is reused at every step; the float64 value is rounded to the rows' dtype where it multiplies, as the Python float
+    is in soflow_loss, so both compute the same numbers. A network that draws random numbers (dropout) is refused:
+    its calls need the forked random streams of _rng_stream, which a single graph cannot hold.
+    """
+    graph = torch.compile(_loss_at, backend=backend, dynamic=False, fullgraph=True,
+                          mode="reduce-overhead" if cuda_graphs else None)
+
+    def loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
+             step: int, null_label: Optional[int], kernel_ops: KernelOps = kernel_ops_for("eager"),
+             augment_labels: Optional[Tensor] = None, precision: Precision = MODES["fp32"]) -> StepOutput:
+        if isinstance(net, nn.Module) and is_stochastic(net):
+            raise ValueError("compile 'step' needs a network without dropout; use compile 'model'")
+        ratio = torch.full((), l_ratio(hp.l_schedule, step, hp.total_steps, hp.l_init_ratio, hp.l_end_ratio),
+                           dtype=torch.float64, device=x0.device)
+        return graph(net, flow, hp, x0, y, noise, ratio, null_label, kernel_ops, augment_labels, precision)
+
+    return loss
+
+
+def _loss_at(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Optional[Tensor], noise: StepNoise,
+             ratio: float | Tensor, null_label: Optional[int], kernel_ops: KernelOps,
+             augment_labels: Optional[Tensor], precision: Precision) -> StepOutput:
+    """soflow_loss with the step's l ratio given (a float, or a 0-dim tensor in a compiled step)."""
     B = x0.shape[0]
     n_fm, n_c = hp.split(B)
     guided = y is not None and hp.cfg_scale > 1.0
@@ -127,8 +160,7 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
         return region(precision, on, dev.type)
 
     xt_fm, vt_fm = flow.interpolate(x0[:n_fm], noise.x1[:n_fm], noise.t_fm)
-    t_c, s_c, l_c = consistency_times(noise.s_draw, noise.t_draw,
-                                      l_ratio(hp.l_schedule, step, hp.total_steps, hp.l_init_ratio, hp.l_end_ratio))
+    t_c, s_c, l_c = consistency_times(noise.s_draw, noise.t_draw, ratio)
     xt_c, vt_c = flow.interpolate(x0[n_fm:], noise.x1[n_fm:], t_c)
     y_m = torch.where(noise.cfg_mask, null_label, y) if guided else y
 
@@ -165,15 +197,15 @@ def soflow_loss(net: Callable, flow: Flow, hp: SoFlowHParams, x0: Tensor, y: Opt
     F_l = dF = None
     if n_c and not precision.secant:
         x_l = consistency_point(xt_c, u, t_c, l_c)
-        with torch.no_grad(), _rng_stream(noise.dropout_seed, dev, stochastic), bf16(precision.pair_bf16):
+        with torch.no_grad(), _rng_stream(noise, 0, dev, stochastic), bf16(precision.pair_bf16):
             F_l = call(x_l, l_c, s_c, labels(C, y_m), C)
 
     # Call 3: the gradient call. A stochastic network gets its consistency rows in a call of their own, so that F_t
     # sees exactly the random stream F_l saw; so does a mode that runs them in another precision than the FM rows.
     if stochastic or precision.secant or precision.fm_bf16 != precision.pair_bf16:
-        with _rng_stream(noise.dropout_seed + 1, dev, stochastic), bf16(precision.fm_bf16):
+        with _rng_stream(noise, 1, dev, stochastic), bf16(precision.fm_bf16):
             F_fm = call(xt_fm, noise.t_fm, noise.t_fm, labels(FM, y_m), FM) if n_fm else xt_fm[:0]
-        with _rng_stream(noise.dropout_seed, dev, stochastic), bf16(precision.pair_bf16):
+        with _rng_stream(noise, 0, dev, stochastic), bf16(precision.pair_bf16):
             if not n_c:
                 F_c = xt_c[:0]
             elif precision.secant:  # dF = F(x_l, l, s) - F(x_t, t, s), with x_l - x_t = u (l - t)

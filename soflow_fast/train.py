@@ -39,10 +39,10 @@ from .kernel_ops import kernel_ops_for
 from .models import DIT_SIZES, build_model, canonical_size, describe, model_from_config
 from .models.reference import load_state_strict
 from .optim import build_optimizer, optimizer_backends, optimizer_step, step_with_ema
-from .parallel import (DistInfo, all_reduce_mean, check_cuda_graphs, full_tensor, init_distributed, parallelize,
-                       resolve_compile, unwrap)
+from .parallel import (DistInfo, all_reduce_mean, check_cuda_graphs, compile_backend, full_tensor, init_distributed,
+                       parallelize, resolve_compile, unwrap)
 from .precision import emulated, numerics, region, resolve_precision
-from .step import draw_noise, soflow_loss
+from .step import compiled_loss, draw_noise, is_stochastic, soflow_loss
 
 log = logging.getLogger("soflow_fast")
 
@@ -246,9 +246,17 @@ class Trainer:
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
         reshard = None if cfg.reshard_after_forward == "auto" else cfg.reshard_after_forward
-        self.model = parallelize(self.net, self.parallel, param_dtype=self.precision.fsdp_param_dtype if fsdp else None,
-                                 activation_checkpointing=cfg.activation_checkpointing, compile=self.compile,
-                                 device=self.device, reshard_after_forward=reshard, cuda_graphs=cfg.cuda_graphs)
+        try:
+            self.model = parallelize(self.net, self.parallel,
+                                     param_dtype=self.precision.fsdp_param_dtype if fsdp else None,
+                                     activation_checkpointing=cfg.activation_checkpointing, compile=self.compile,
+                                     device=self.device, reshard_after_forward=reshard, cuda_graphs=cfg.cuda_graphs)
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from None
+        if self.compile == "step" and is_stochastic(self.net):
+            raise ConfigError(f"config: compile = 'step' needs a network without dropout ({cfg.model_type} has it); "
+                              "use compile: model")
+        self.loss_fn = compiled_loss(compile_backend(), cfg.cuda_graphs) if self.compile == "step" else soflow_loss
         named = list(unwrap(self.model).named_parameters())
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -360,8 +368,8 @@ class Trainer:
             if self.augment is not None:
                 xm, aug = self.augment(xm, gen)
             with self._sync_grads(a == self.accum - 1), numerics(self.precision, self.device):
-                out = soflow_loss(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
-                                  kernel_ops=self.kernel_ops, augment_labels=aug, precision=self.precision)
+                out = self.loss_fn(self.model, self.flow, self.hp, xm, ym, noise, self.step, self.net.null_label,
+                                   kernel_ops=self.kernel_ops, augment_labels=aug, precision=self.precision)
                 (out.loss / self.accum).backward()
             part = torch.stack([out.loss.detach(), *out.stats.values()]).float() / self.accum
             values = part if values is None else values + part

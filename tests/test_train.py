@@ -170,20 +170,23 @@ def test_compiled_blocks_match_eager(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_compiled_model_matches_eager(tmp_path, monkeypatch, caplog):
-    """compile: model (the whole network, one graph per call of the step) trains like eager. Backend aot_eager (the
-    captured graphs run by eager kernels): the same fp32 ops, so the weights after three steps are bitwise equal
-    (measured). The first step's time, compiling included, is logged."""
+@pytest.mark.parametrize("mode,graphs", [("model", 3), ("step", 1)])
+def test_compiled_model_matches_eager(tmp_path, monkeypatch, caplog, mode, graphs):
+    """compile: model (the whole network, one graph per call of the step: teacher, x_l and gradient calls) and
+    compile: step (the whole loss, one graph) train like eager. Backend aot_eager (the captured graphs run by eager
+    kernels): the same fp32 ops, so the weights after three steps are bitwise equal (measured). The first step's time,
+    compiling included, is logged."""
     monkeypatch.setenv("SOFLOW_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     plain = make(tmp_path, "plain", total_steps=3)
     plain.fit(progress=False)
-    comp = make(tmp_path, "comp", total_steps=3, compile="model")
+    comp = make(tmp_path, "comp", total_steps=3, compile=mode)
     with caplog.at_level("INFO", logger="soflow_fast"):
         comp.fit(progress=False)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # teacher, x_l and gradient calls, once
-    assert any(r.getMessage().startswith("compiled in ") and "compile model" in r.getMessage() for r in caplog.records)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # once for the run's steps
+    assert any(r.getMessage().startswith("compiled in ") and f"compile {mode}" in r.getMessage()
+               for r in caplog.records)
     for a, b in zip(flat_state(plain), flat_state(comp)):
         assert torch.equal(a, b)
 
