@@ -287,7 +287,7 @@ class StepBench:
         self.hp, self.flow, self.recipe, self.cfg, self.device = recipe.hparams, recipe.flow, recipe, cfg, device
         torch.manual_seed(0)
         with torch.device(device):  # initialised where it runs: seconds saved at XL/2 on the day
-            self.base = DiT(cfg)
+            self.base = DiT(cfg, device_type=device.type)
         self.opt = torch.optim.AdamW(self.base.parameters(), lr=recipe.learning_rate, betas=tuple(recipe.betas))
         self.nets = {("eager", "none"): self.base}
         self.gen = torch.Generator(device).manual_seed(0)
@@ -296,7 +296,7 @@ class StepBench:
     def net(self, kernels: str, compile: str) -> torch.nn.Module:
         if (kernels, compile) not in self.nets:
             with torch.device("meta"):  # no second initialisation: the weights are the base's
-                twin = DiT(dataclasses.replace(self.cfg, kernels=kernels))
+                twin = DiT(dataclasses.replace(self.cfg, kernels=kernels), device_type=self.device.type)
             share_weights(twin, self.base)
             self.nets[kernels, compile] = compile_model(twin, compile, self.device)
         return self.nets[kernels, compile]
@@ -310,7 +310,7 @@ class StepBench:
         x0 = torch.randn(v.batch, self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size, device=dev)
         y = torch.randint(0, self.cfg.num_classes, (v.batch,), device=dev) if self.cfg.num_classes else None
         null = self.base.null_label
-        net_ops = kernel_ops_for(v.kernels)
+        net_ops = kernel_ops_for(v.kernels, dev.type)
 
         def run() -> None:
             noise = draw_noise(hp, x0, self.guided, self.gen)

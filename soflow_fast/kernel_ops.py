@@ -4,6 +4,11 @@
 and configs carry), and that string to a KernelOps: the functions themselves, which the DiT and the training step
 call without deciding anything per call. The eager twins (soflow_fast.ops, soflow_fast.loss) are the math; the
 Triton versions (soflow_fast.kernels, which import those twins and nothing of this module) must match them.
+
+The device type a model is built for also picks how the Triton ops are registered (soflow_fast.kernels._common
+.Registration): on CUDA with torch.library.triton_op, so that torch.compile traces into them and inductor sees the
+Triton launches; elsewhere with torch.library.custom_op (the CPU's interpreter path, opaque to compile). Only the
+CPU side is tested here; benchmarks/gpu_suite.py checks the CUDA registration under torch.compile on the day.
 """
 from __future__ import annotations
 
@@ -70,22 +75,26 @@ def parse_kernels(resolved: str) -> dict[str, str]:
     return {op: pairs[op] for op in OP_NAMES}
 
 
-def _implementations(impl: str) -> dict[str, Callable]:
-    if impl == "eager":
-        return dict(layernorm_modulate=ops.layernorm_modulate_eager, gated_residual=ops.gated_residual_eager,
-                    gated_residual_layernorm_modulate=ops.gated_residual_layernorm_modulate_eager,
-                    fm_loss=loss.fm_loss, consistency_loss=loss.consistency_loss)
+EAGER = dict(layernorm_modulate=ops.layernorm_modulate_eager, gated_residual=ops.gated_residual_eager,
+             gated_residual_layernorm_modulate=ops.gated_residual_layernorm_modulate_eager,
+             fm_loss=loss.fm_loss, consistency_loss=loss.consistency_loss)
+
+
+def _triton(device_type: str) -> dict[str, Callable]:
     # Imported only when a model asks for Triton: importing triton is slow, and the interpreter switch
     # (TRITON_INTERPRET) is read at that import.
-    from .kernels import adaln, soflow_loss
-    return dict(layernorm_modulate=adaln.layernorm_modulate, gated_residual=adaln.gated_residual,
-                gated_residual_layernorm_modulate=adaln.gated_residual_layernorm_modulate,
-                fm_loss=soflow_loss.fm_loss, consistency_loss=soflow_loss.consistency_loss)
+    from .kernels import _common, adaln, soflow_loss
+    if not _common.triton_runs_on(device_type):  # no triton, or a CPU without the interpreter: the eager twins
+        return EAGER
+    return {**adaln.functions(device_type)._asdict(), **soflow_loss.functions(device_type)._asdict()}
 
 
 @functools.cache
-def kernel_ops_for(resolved: str) -> KernelOps:
-    """The KernelOps of a resolved string (one object per string: every block of a model shares it)."""
+def kernel_ops_for(resolved: str, device_type: str = "cpu") -> KernelOps:
+    """The KernelOps of a resolved string for models on device_type ('cuda': the triton_op registration; any other:
+    custom_op, which also runs on CUDA tensors, opaque to torch.compile). One object per (string, device type):
+    every block of a model shares it."""
     per_op = parse_kernels(resolved)
-    return KernelOps(resolved, **{op: _implementations(impl)[op] for op, impl in per_op.items()})
+    return KernelOps(resolved, **{op: (EAGER if impl == "eager" else _triton(device_type))[op]
+                                  for op, impl in per_op.items()})
 

@@ -109,3 +109,69 @@ def test_forward_and_step_do_not_resolve_per_call(monkeypatch):
                       kernel_ops=model.kernel_ops)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_registration_is_chosen_by_the_device_type_at_build():
+    """kernels triton: CUDA models get the triton_op registration (inductor traces into it), every other device the
+    custom_op one; eager stays eager on both."""
+    pytest.importorskip("triton")
+    from soflow_fast.kernels import adaln, soflow_loss
+
+    for device_type in ("cuda", "cpu"):
+        ops_ = K.kernel_ops_for("triton", device_type)
+        assert ops_.layernorm_modulate is adaln.functions(device_type).layernorm_modulate
+        assert ops_.fm_loss is soflow_loss.functions(device_type).fm_loss
+        assert K.kernel_ops_for("eager", device_type).gated_residual is ops.gated_residual_eager
+    assert adaln.functions("cuda") != adaln.functions("cpu")
+    model = soflow_fast.build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, kernels="triton")
+    assert model.kernel_ops is K.kernel_ops_for("triton", "cpu")
+
+
+def test_compiled_model_on_cpu_calls_the_custom_ops():
+    """On CPU, torch.compile of a kernels=triton model traces the custom_op registration (soflow::), never the
+    triton_op one (soflow_triton::, whose tracing needs CUDA)."""
+    pytest.importorskip("triton")
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = soflow_fast.build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, kernels="triton",
+                                    hidden_size=32, num_heads=2, depth=1)
+    compiled = torch.compile(model, backend=recording, fullgraph=True)
+    compiled(torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2), torch.randint(0, 10, (2,)))
+    code = "\n".join(graphs)
+    assert "torch.ops.soflow.layernorm_modulate" in code and "soflow_triton" not in code
+
+
+def _soflow_imports(path: Path, package: str) -> set[str]:
+    """The soflow_fast modules a source file of `package` imports."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = (package + ("." + node.module if node.module else "")) if node.level else node.module or ""
+            if base == "soflow_fast":  # from soflow_fast import ops: the names are modules
+                found |= {f"{base}.{a.name}" for a in node.names}
+            elif base.startswith("soflow_fast"):
+                found.add(base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("soflow_fast")}
+    return found
+
+
+def test_kernels_import_only_the_eager_twins():
+    """kernels/ imports its own helpers and the eager twins and constants (soflow_fast.ops, loss, flow), and those
+    import nothing that imports kernels back (kernel_ops, models, ...): no cycle through the kernels."""
+    root = Path(__file__).resolve().parents[1]
+    twins = {"soflow_fast.ops", "soflow_fast.loss", "soflow_fast.flow"}
+    for path in (root / "kernels").glob("*.py"):
+        outside = {m for m in _soflow_imports(path, "soflow_fast.kernels") if not m.startswith("soflow_fast.kernels.")}
+        assert outside <= twins, path.name
+    for name in twins:
+        inner = _soflow_imports(root / "soflow_fast" / (name.split(".")[1] + ".py"), "soflow_fast")
+        assert inner <= twins and not any("kernel" in m for m in inner), (name, inner)

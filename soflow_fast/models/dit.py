@@ -297,9 +297,11 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """F(x, t, s, y): x [B, C, H, W], t and s [B] in [0, 1], y [B] int64 or None (the null label). attention: the
-    blocks' implementation (soflow_fast.attention.resolve_attention; default PyTorch SDPA)."""
+    blocks' implementation (soflow_fast.attention.resolve_attention; default PyTorch SDPA). device_type: where the
+    model will run, which picks how Triton ops are registered (soflow_fast.kernel_ops.kernel_ops_for)."""
 
-    def __init__(self, cfg: DiTConfig, attention: AttentionFn = F.scaled_dot_product_attention):
+    def __init__(self, cfg: DiTConfig, attention: AttentionFn = F.scaled_dot_product_attention,
+                 device_type: str = "cpu"):
         super().__init__()
         self.cfg = cfg
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
@@ -309,7 +311,7 @@ class DiT(nn.Module):
         grid = cfg.input_size // cfg.patch_size
         # A frozen parameter (not a buffer) so that it sits in checkpoints under the reference's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.hidden_size), requires_grad=False)
-        self.kernel_ops = kernel_ops_for(cfg.kernels)  # resolved here, once: forward only calls its functions
+        self.kernel_ops = kernel_ops_for(cfg.kernels, device_type)  # chosen here, once: forward only calls them
         self.blocks = nn.ModuleList(DiTBlock(cfg, self.kernel_ops, attention) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg, self.kernel_ops)
         self.initialize_weights()
