@@ -25,7 +25,7 @@ def test_kernel_benchmark_cpu_mode(tmp_path, capsys):
     out = tmp_path / "k.json"
     assert bench.main(["--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    names = bench.ADALN + bench.LOSSES
+    names = bench.ADALN + bench.LINEAR + bench.LOSSES
     assert sorted((r["kernel"], r["dtype"]) for r in rows["parity"]) == sorted(
         (k, d) for k in names for d in ("float32", "bfloat16"))
     assert [r["kernel"] for r in rows["host_path"]] == names
