@@ -15,6 +15,11 @@ also in OUT/summary.md; each child's output in OUT/<stage>.log). Stages run in t
   precision  90  benchmarks/precision.py's q-error table in real bf16 (XL/2 at the depth it uses on CUDA)
   profile    75  torch.profiler over the eager XL/2 step at batch 32 (precision auto): GPU-busy %, kernels per
                  step, device ms by kernel category, host ms per step
+  kernels    60  each Triton op (the registration a CUDA model uses: triton_op, which inductor traces into) under
+                 torch.compile vs the same op run eagerly: max abs difference of outputs and gradients (a
+                 correctness check of the compiled path, which only CUDA can run); and fwd+bwd ms of
+                 torch.compile of the eager twin, the Triton op, and the Triton op compiled, bf16, at the model's
+                 width and the first batch x its tokens (the GEMM-fused ops among them)
   matrix    360  step ms, images/s and MFU of the three-call step for every precision mode x kernels (eager,
                  triton, auto) x compile (none, blocks, model) x batch (32, 64), and of the reference's six-call
                  step in fp32 + TF32, measured round-robin; most wanted first, what does not fit is recorded as
@@ -53,6 +58,7 @@ if not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import kernels as kernel_bench  # noqa: E402  (benchmarks/kernels.py: the op cases)
 import precision as precision_bench  # noqa: E402  (benchmarks/precision.py)
 import reference_math  # noqa: E402  (the reference's six-call step, as benchmarks/step.py times it)
 
@@ -287,7 +293,7 @@ class StepBench:
         self.hp, self.flow, self.recipe, self.cfg, self.device = recipe.hparams, recipe.flow, recipe, cfg, device
         torch.manual_seed(0)
         with torch.device(device):  # initialised where it runs: seconds saved at XL/2 on the day
-            self.base = DiT(cfg)
+            self.base = DiT(cfg, device_type=device.type)
         self.opt = torch.optim.AdamW(self.base.parameters(), lr=recipe.learning_rate, betas=tuple(recipe.betas))
         self.nets = {("eager", "none"): self.base}
         self.gen = torch.Generator(device).manual_seed(0)
@@ -296,7 +302,7 @@ class StepBench:
     def net(self, kernels: str, compile: str) -> torch.nn.Module:
         if (kernels, compile) not in self.nets:
             with torch.device("meta"):  # no second initialisation: the weights are the base's
-                twin = DiT(dataclasses.replace(self.cfg, kernels=kernels))
+                twin = DiT(dataclasses.replace(self.cfg, kernels=kernels), device_type=self.device.type)
             share_weights(twin, self.base)
             self.nets[kernels, compile] = compile_model(twin, compile, self.device)
         return self.nets[kernels, compile]
@@ -310,7 +316,7 @@ class StepBench:
         x0 = torch.randn(v.batch, self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size, device=dev)
         y = torch.randint(0, self.cfg.num_classes, (v.batch,), device=dev) if self.cfg.num_classes else None
         null = self.base.null_label
-        net_ops = kernel_ops_for(v.kernels)
+        net_ops = kernel_ops_for(v.kernels, dev.type)
 
         def run() -> None:
             noise = draw_noise(hp, x0, self.guided, self.gen)
@@ -669,6 +675,67 @@ def precision_answer(r: dict) -> str:
     return f"{model}, r = {r_min}: q error {errs}"
 
 
+# -- (f) kernels ----------------------------------------------------------------------------------
+def kernel_case(name: str, ctx: Ctx) -> tuple:
+    """(inputs, eager twin, Triton op for this device's models, how many inputs get gradients)."""
+    cfg, B, dev = ctx.shapes.model, ctx.shapes.batches[0], ctx.device
+    T = (cfg.input_size // cfg.patch_size) ** 2
+    if name in kernel_bench.LOSSES:
+        inputs, eager, fast, _, _ = kernel_bench.loss_case(name, B, torch.bfloat16, dev,
+                                                           latent=(cfg.in_channels, cfg.input_size, cfg.input_size))
+        return inputs, eager, fast, kernel_bench.GRAD_ARGS[name]
+    build = kernel_bench.linear_case if name in kernel_bench.LINEAR else kernel_bench.adaln_case
+    inputs, eager, fast, _, _ = build(name, B, cfg.hidden_size, torch.bfloat16, dev, T=T)
+    return inputs, eager, fast, len(inputs)
+
+
+def max_abs_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(kernel_bench.as_tuple(a),
+                                                                          kernel_bench.as_tuple(b)))
+
+
+def stage_kernels(ctx: Ctx) -> dict:
+    out = {"dtype": "bfloat16", "batch": ctx.shapes.batches[0], "width": ctx.shapes.model.hidden_size, "rows": []}
+    reps, inner = ctx.shapes.micro
+    for name in kernel_bench.ADALN + kernel_bench.LINEAR + kernel_bench.LOSSES:
+        row = {"op": name}
+        out["rows"].append(row)
+        if ctx.elapsed() > ctx.budget_s:
+            row["skipped"] = "stage cap"
+            continue
+        try:
+            inputs, eager, fast, n_grad = kernel_case(name, ctx)
+            compiled_fast = torch.compile(fast, dynamic=False)
+            ref = kernel_bench.fwd_bwd(fast, inputs, n_grad)
+            got = kernel_bench.fwd_bwd(compiled_fast, inputs, n_grad)
+            row["compiled_vs_eager_err"] = max(max_abs_diff(fast(*inputs), compiled_fast(*inputs)),
+                                               max_abs_diff(ref(), got()))
+            row["triton_vs_twin_err"] = max_abs_diff(fast(*inputs), eager(*inputs))
+            for label, fn in (("compile_twin_ms", torch.compile(eager, dynamic=False)), ("triton_ms", fast),
+                              ("compile_triton_ms", compiled_fast)):
+                row[label] = 1e3 * ctx.timer.per_call(kernel_bench.fwd_bwd(fn, inputs, n_grad), reps, inner)
+        except Exception as e:  # noqa: BLE001 - one op that fails (a compile error is a finding) must not end it
+            row["error"] = describe(e)
+        ctx.save(out)
+    return out
+
+
+def kernels_table(r: dict) -> str:
+    return table(["op", "compiled vs eager (max abs)", "Triton vs twin", "compile(twin) ms", "Triton ms",
+                  "compile(Triton) ms", "note"],
+                 [[k["op"], k.get("compiled_vs_eager_err"), k.get("triton_vs_twin_err"), k.get("compile_twin_ms"),
+                   k.get("triton_ms"), k.get("compile_triton_ms"), k.get("error") or k.get("skipped") or ""]
+                  for k in r["rows"]])
+
+
+def kernels_answer(r: dict) -> str:
+    timed = [k for k in r["rows"] if "triton_ms" in k]
+    wins = [k["op"] for k in timed if min(k["triton_ms"], k["compile_triton_ms"]) < k["compile_twin_ms"]]
+    worst = max((k["compiled_vs_eager_err"] for k in timed), default=None)
+    return (f"{len(timed)} ops timed (fwd+bwd, bf16); Triton faster than compile(twin): {', '.join(wins) or 'none'}; "
+            f"compiled vs eager Triton max abs diff {fmt(worst)}")
+
+
 # -- stages, their documents and their tables -----------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
@@ -684,6 +751,7 @@ STAGES = {
     "attention": Stage(stage_attention, attention_table, attention_answer, 45, needs_cuda=True),
     "precision": Stage(stage_precision, lambda r: r["table"], precision_answer, 90, needs_cuda=False),
     "profile": Stage(stage_profile, profile_table, profile_answer, 75, needs_cuda=True),
+    "kernels": Stage(stage_kernels, kernels_table, kernels_answer, 60, needs_cuda=True),
     "matrix": Stage(stage_matrix, matrix_table, matrix_answer, 360, needs_cuda=True),
 }
 

@@ -57,8 +57,7 @@ def recorded_launches(kernel: str, D: int, dtype: torch.dtype) -> list[tuple]:
 
 def compile_launch(name: str, args: tuple, kwargs: dict, arch: int):
     """Compile the recorded launch for sm_<arch>; the compiled kernel (its .asm['ptx'] and .metadata)."""
-    module = bench.adaln if name.startswith("_adaln") else bench.soflow_loss
-    fn = getattr(module, name)
+    fn = getattr(bench.adaln, name, None) or getattr(bench.soflow_loss, name)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     signature, attrs = {}, {}
     for i, (arg_name, v) in enumerate(zip(fn.arg_names, args)):

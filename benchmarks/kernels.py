@@ -1,6 +1,7 @@
 """Benchmark of the fused Triton kernels against eager PyTorch and torch.compile of eager.
 
-For each kernel (LN + modulate, gated residual, the two fused, FM loss, consistency loss) at the DiT-B/2, L/2 and
+For each kernel (LN + modulate, gated residual, the two fused, FM loss, consistency loss, and the GEMM-fused
+LN + modulate + linear (the qkv projection, N = 3D) and linear + gated residual (fc2, K = 4D)) at the DiT-B/2, L/2 and
 XL/2 widths (256 tokens, batch 32 and 256) in bf16 and fp32, forward and forward + backward, for eager, torch.compile
 of eager, the Triton op, and torch.compile of the Triton op (the custom ops traced into the graph), three times:
   ms        median of triton.testing.do_bench (L2 flushed per repetition) of the Python call: what a caller pays,
@@ -34,7 +35,7 @@ if not torch.cuda.is_available():
 from soflow_fast import loss as L  # noqa: E402
 from soflow_fast import ops  # noqa: E402
 from soflow_fast.flow import Flow  # noqa: E402
-from soflow_fast.kernels import adaln, soflow_loss  # noqa: E402
+from soflow_fast.kernels import adaln, adaln_linear, soflow_loss  # noqa: E402
 
 WIDTHS = {"DiT-B/2": 768, "DiT-L/2": 1024, "DiT-XL/2": 1152}
 TOKENS = 256
@@ -49,12 +50,28 @@ def adaln_case(name, B, D, dtype, dev, T=TOKENS):
     act = lambda: torch.randn(B, T, D, device=dev, dtype=dtype)  # noqa: E731
     vec = lambda: torch.randn(B, D, device=dev, dtype=dtype) * 0.5  # noqa: E731
     nd = B * T * D * es
+    fns = adaln.functions(torch.device(dev).type)  # the registration a model on dev uses
     if name == "layernorm_modulate":
-        return (act(), vec(), vec()), ops.layernorm_modulate_eager, adaln.layernorm_modulate, 2 * nd, 5 * nd
+        return (act(), vec(), vec()), ops.layernorm_modulate_eager, fns.layernorm_modulate, 2 * nd, 5 * nd
     if name == "gated_residual":  # backward: dx is dout itself, so read dout, y and write dy
-        return (act(), vec(), act()), ops.gated_residual_eager, adaln.gated_residual, 3 * nd, 6 * nd
+        return (act(), vec(), act()), ops.gated_residual_eager, fns.gated_residual, 3 * nd, 6 * nd
     return ((act(), vec(), act(), vec(), vec()), ops.gated_residual_layernorm_modulate_eager,
-            adaln.gated_residual_layernorm_modulate, 4 * nd, 10 * nd)
+            fns.gated_residual_layernorm_modulate, 4 * nd, 10 * nd)
+
+
+def linear_case(name, B, D, dtype, dev, T=TOKENS):
+    """The GEMM-fused ops at the DiT block's shapes: qkv (N = 3D) after LN + modulate, fc2 (K = 4D) before the
+    gated residual. Bytes: activations read and written once, the weight once; the backward's GEMM operands."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    r = lambda *s, k=1.0: torch.randn(*s, device=dev, dtype=dtype) * k  # noqa: E731
+    fns = adaln_linear.functions(torch.device(dev).type)
+    if name == "layernorm_modulate_linear":
+        N, nbytes = 3 * D, B * T * 4 * D * es + 3 * D * D * es
+        return ((r(B, T, D), r(B, D, k=0.5), r(B, D, k=0.5), r(N, D, k=D ** -0.5), r(N)),
+                ops.layernorm_modulate_linear_eager, fns.layernorm_modulate_linear, nbytes, 3 * nbytes)
+    K, nbytes = 4 * D, B * T * 7 * D * es + 4 * D * D * es
+    return ((r(B, T, D), r(B, D, k=0.5), r(B, T, K), r(D, K, k=K ** -0.5), r(D)), ops.linear_gated_residual_eager,
+            fns.linear_gated_residual, nbytes, 3 * nbytes)
 
 
 def loss_case(name, B, dtype, dev, latent=LATENT):
@@ -62,22 +79,24 @@ def loss_case(name, B, dtype, dev, latent=LATENT):
     n = B * latent[0] * latent[1] * latent[2]
     r = lambda dt=torch.float32: torch.randn(B, *latent, device=dev, dtype=dt)  # noqa: E731
     t = torch.rand(B, device=dev) * 0.9 + 0.05
+    fns = soflow_loss.functions(torch.device(dev).type)
     if name == "fm_loss":  # read F, F_unc (dtype), v_t (fp32); write the fp32 gradient; bwd: read it, write dF
         mask = torch.rand(B, device=dev) < 0.1
         fwd_bytes = n * (2 * es + 4 + 4)
         eager = lambda F, v, Fu: tuple(L.fm_loss(FLOW, F, v, v, t, p=1.0, eps=0.01, F_unc=Fu, mask=mask, **GUIDE))  # noqa
-        fast = lambda F, v, Fu: tuple(soflow_loss.fm_loss(FLOW, F, v, v, t, p=1.0, eps=0.01, F_unc=Fu, mask=mask,  # noqa
-                                                          **GUIDE))
+        fast = lambda F, v, Fu: tuple(fns.fm_loss(FLOW, F, v, v, t, p=1.0, eps=0.01, F_unc=Fu, mask=mask,  # noqa
+                                                  **GUIDE))
         return (r(dtype), r(), r(dtype)), eager, fast, fwd_bytes, fwd_bytes + n * (4 + es)
     s = t * 0.5
     l = t - (t - s) * 0.1
     fwd_bytes = n * (2 * es + 4 + 4 + 4)  # F_t, F_l (dtype), x_t, u (fp32), gradient out (fp32)
     eager = lambda F, x, u, Fl: tuple(L.consistency_loss(FLOW, F, x, u, t, s, l, Fl, p=1.0, eps=0.01))  # noqa
-    fast = lambda F, x, u, Fl: tuple(soflow_loss.consistency_loss(FLOW, F, x, u, t, s, l, Fl, p=1.0, eps=0.01))  # noqa
+    fast = lambda F, x, u, Fl: tuple(fns.consistency_loss(FLOW, F, x, u, t, s, l, Fl, p=1.0, eps=0.01))  # noqa
     return (r(dtype), r(), r(), r(dtype)), eager, fast, fwd_bytes, fwd_bytes + n * (4 + es)
 
 
 ADALN = ["layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"]
+LINEAR = ["layernorm_modulate_linear", "linear_gated_residual"]
 LOSSES = ["fm_loss", "consistency_loss"]
 GRAD_ARGS = {"fm_loss": 1, "consistency_loss": 1}  # losses: gradient w.r.t. the network output only
 
@@ -158,13 +177,15 @@ def bench_gpu(args) -> list[dict]:
     cases = [(k, "latent 4x32x32", B, dt) for dt in (torch.bfloat16, torch.float32) for B in args.batches
              for k in LOSSES]
     cases += [(k, m, B, dt) for dt in (torch.bfloat16, torch.float32) for B in args.batches for m in WIDTHS
-              for k in ADALN]
+              for k in ADALN + LINEAR]
     for kernel, model, B, dtype in cases:
         if time.time() - t_start > args.budget_s:
             print(f"time budget spent: skipping {kernel} {model} B={B} {dtype}", flush=True)
             continue
         if kernel in LOSSES:
             inputs, eager, fast, b_fwd, b_all = loss_case(kernel, B, dtype, dev)
+        elif kernel in LINEAR:
+            inputs, eager, fast, b_fwd, b_all = linear_case(kernel, B, WIDTHS[model], dtype, dev)
         else:
             inputs, eager, fast, b_fwd, b_all = adaln_case(kernel, B, WIDTHS[model], dtype, dev)
         compiled, compiled_fast = torch.compile(eager, dynamic=False), torch.compile(fast, dynamic=False)
@@ -199,6 +220,11 @@ def parity_cpu() -> list[dict]:
             err_f = max_err(fast(*inputs), eager(*inputs))
             err_b = max_err(fwd_bwd(fast, inputs, len(inputs))(), fwd_bwd(eager, inputs, len(inputs))())
             rows.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), fwd_err=err_f, grad_err=err_b))
+        for kernel in LINEAR:
+            inputs, eager, fast, _, _ = linear_case(kernel, 2, 40, dtype, "cpu", T=9)
+            err_f = max_err(fast(*inputs), eager(*inputs))
+            err_b = max_err(fwd_bwd(fast, inputs, len(inputs))(), fwd_bwd(eager, inputs, len(inputs))())
+            rows.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), fwd_err=err_f, grad_err=err_b))
         for kernel in LOSSES:
             inputs, eager, fast, _, _ = loss_case(kernel, 3, dtype, "cpu")
             err_f = max_err(fast(*inputs), eager(*inputs))
@@ -207,7 +233,9 @@ def parity_cpu() -> list[dict]:
     return rows
 
 
-KERNEL_OBJECTS = ((adaln, "_adaln_fwd_kernel"), (adaln, "_adaln_bwd_kernel"), (soflow_loss, "_fm_kernel"),
+KERNEL_OBJECTS = ((adaln, "_adaln_fwd_kernel"), (adaln, "_adaln_bwd_kernel"), (adaln, "_sum_chunks_kernel"),
+                  (adaln_linear, "_row_stats_kernel"), (adaln_linear, "_ln_linear_kernel"),
+                  (adaln_linear, "_linear_gated_residual_kernel"), (soflow_loss, "_fm_kernel"),
                   (soflow_loss, "_consistency_kernel"))
 
 
@@ -224,12 +252,10 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def launches_stubbed(record: list | None = None):
-    """Within: the Triton ops take their Triton path on any tensor, and their launches are recorded, not run."""
+    """Within: the Triton ops' launches (custom_op registration) are recorded, not run."""
     from unittest import mock
     record = [] if record is None else record
     with contextlib.ExitStack() as stack:
-        for module in (adaln, soflow_loss):
-            stack.enter_context(mock.patch.object(module, "use_triton", lambda t: True))
         for module, name in KERNEL_OBJECTS:
             stack.enter_context(mock.patch.object(module, name, _NoLaunch(name, record)))
         yield record
@@ -240,6 +266,7 @@ def host_path_cpu(repeats: int = 200) -> list[dict]:
     replaced by no-ops (so what is timed is the Python, custom-op dispatch and autograd path around the kernels;
     outputs are left uninitialised). The launches themselves, and all device time, are not included."""
     cases = [(k, adaln_case(k, 2, 8, torch.float32, "cpu", T=4)) for k in ADALN]
+    cases += [(k, linear_case(k, 2, 8, torch.float32, "cpu", T=4)) for k in LINEAR]
     cases += [(k, loss_case(k, 2, torch.float32, "cpu", latent=(1, 2, 2))) for k in LOSSES]
     rows = []
     for kernel, (inputs, eager, fast, _, _) in cases:

@@ -57,7 +57,6 @@ def loader_rate(root: Path, backend: str, batch: int, batches: int, device: torc
 def xl2_step_rate(batch: int, device: torch.device, steps: int = 5) -> float:
     """Samples/s of a DiT-XL/2 SoFlow training step on 32x32x4 latents (the reference ImageNet hyperparameters)."""
     from soflow_fast.config import TrainConfig
-    from soflow_fast.kernel_ops import kernel_ops_for
     from soflow_fast.models import build_model
     from soflow_fast.step import draw_noise, soflow_loss
     from soflow_fast.precision import numerics, resolve_precision
@@ -72,7 +71,7 @@ def xl2_step_rate(batch: int, device: torch.device, steps: int = 5) -> float:
     x0 = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     gen = torch.Generator(device).manual_seed(0)
-    kernel_ops = kernel_ops_for(model.cfg.kernels)
+    kernel_ops = model.kernel_ops
 
     def step():
         noise = draw_noise(cfg.hparams, x0, True, gen)

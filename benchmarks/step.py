@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference_math  # noqa: E402  (the six-call transcription the parity tests use)
 
 from soflow_fast.config import load_config, parse_override  # noqa: E402
-from soflow_fast.kernel_ops import kernel_ops_for  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
 from soflow_fast.step import compiled_loss, draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.parallel import compile_backend, parallelize, resolve_device  # noqa: E402
@@ -152,7 +151,7 @@ def main() -> None:
     y = torch.randint(0, classes, (B,), device=device) if classes else None
     guided = y is not None and hp.cfg_scale > 1
     gen = torch.Generator(device).manual_seed(0)
-    kernel_ops = kernel_ops_for(model.cfg.kernels)
+    kernel_ops = model.kernel_ops
 
     def three_call():
         noise = draw_noise(hp, x0, guided, gen)

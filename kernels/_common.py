@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,14 +26,42 @@ except ImportError:  # the package imports without triton; the ops then always t
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def use_triton(t: Tensor) -> bool:
-    """True when tensors like t run the Triton kernels: CUDA, or CPU under the interpreter.
+def triton_runs_on(device_type: str) -> bool:
+    """True when Triton kernels can run on tensors of this device type: CUDA, or CPU under the interpreter."""
+    return HAVE_TRITON and (device_type == "cuda" or (device_type == "cpu" and INTERPRET))
 
-    float64 stays on the eager reference: the kernels compute in fp32, and fp64 callers are checking the math.
+
+def use_triton(t: Tensor) -> bool:
+    """True when tensors like t run the Triton kernels (triton_runs_on their device, and not float64).
+
+    float64 stays on the eager reference: the kernels compute in fp32, and fp64 callers are checking the math. This
+    per-dtype rule is the only choice the public functions still make per call; the device is settled at build.
     """
-    if not HAVE_TRITON or t.dtype == torch.float64:
-        return False
-    return t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET)
+    return t.dtype != torch.float64 and triton_runs_on(t.device.type)
+
+
+class Registration(NamedTuple):
+    """How a kernel family registers its ops with torch.library.
+
+    custom_op: runs on any device, the interpreter's CPU included, and torch.compile sees an opaque call (its fake
+    implementation gives the shapes). triton_op + wrap_triton: torch.compile traces into the op and inductor sees the
+    Triton launches themselves (it can schedule them with the code around them); its tracing needs real Triton
+    kernels on CUDA, so it is the CUDA registration. Both wrap the same launchers: `launch(kernel)[grid](...)`.
+    """
+    namespace: str
+    define: Callable   # torch.library.custom_op or torch.library.triton_op
+    launch: Callable   # kernel -> what is indexed by the grid and called
+    fake: bool         # custom_op needs a fake implementation; triton_op traces its own body instead
+
+
+CUSTOM = Registration("soflow", torch.library.custom_op, lambda kernel: kernel, fake=True)
+INLINE = Registration("soflow_triton", torch.library.triton_op, lambda kernel: torch.library.wrap_triton(kernel),
+                      fake=False)
+
+
+def registration_for(device_type: str) -> Registration:
+    """INLINE for CUDA models, CUSTOM for every other device (chosen once, when a model is built)."""
+    return INLINE if device_type == "cuda" else CUSTOM
 
 
 def dtype_code(dtype: torch.dtype, name: str) -> int:

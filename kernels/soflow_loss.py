@@ -10,7 +10,7 @@ the FM loss; the noising path does not enter either loss), so the kernels take t
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from soflow_fast.flow import CFG_DECAY_K, Flow
 from soflow_fast import loss as eager
 from soflow_fast.loss import LossTerms
 
-from ._common import HAVE_TRITON, check_shape, next_pow2, use_triton
+from ._common import CUSTOM, HAVE_TRITON, INLINE, Registration, check_shape, next_pow2, registration_for
 
 HALF_PI = math.pi / 2
 MAX_BLOCK = 4096  # elements of a row held at once; longer rows loop (two passes)
@@ -161,53 +161,65 @@ def _terms(row_loss: Tensor, row_mse: Tensor, row_w: Tensor, grad: Tensor):
 
 
 # -- registered ops -------------------------------------------------------------------------------
-@torch.library.custom_op("soflow::fm_loss", mutates_args=())
-def _fm_op(F_pred: Tensor, v_t: Tensor, t: Tensor, F_unc: Optional[Tensor], mask: Optional[Tensor], coef_trig: bool,
-           p: float, eps: float, cfg_scale: float, mix_ratio: float, cfg_decay_time: float
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B = F_pred.shape[0]
-    F2, V2 = _rows(F_pred), _rows(v_t)
-    n = F2.shape[1]
-    guided = F_unc is not None
-    FU = _rows(F_unc) if guided else F2
-    M = mask.to(torch.int8).contiguous() if (guided and mask is not None) else F2
-    f32 = dict(dtype=torch.float32, device=F2.device)
-    row_loss, row_mse, row_w = (torch.empty(B, **f32) for _ in range(3))
-    grad = torch.empty(F_pred.shape, **f32)
-    block, one_pass, warps = _launch_cfg(n)
-    _fm_kernel[(B,)](F2, V2, FU, M, t.contiguous(), row_loss, row_mse, row_w, grad, n, 1.0 / B, p, eps,
-                     cfg_scale - 1.0, mix_ratio, cfg_decay_time, CFG_DECAY_K, COEF_TRIG=coef_trig, GUIDED=guided,
-                     HAS_MASK=guided and mask is not None, DECAY=guided and cfg_decay_time < 1.0,
-                     BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
-    return _terms(row_loss, row_mse, row_w, grad)
+class Losses(NamedTuple):
+    """The public functions of one registration (what soflow_fast.kernel_ops hands the step)."""
+    fm_loss: Callable[..., LossTerms]
+    consistency_loss: Callable[..., LossTerms]
 
 
-@_fm_op.register_fake
-def _(F_pred, v_t, t, F_unc, mask, coef_trig, p, eps, cfg_scale, mix_ratio, cfg_decay_time):
-    s = F_pred.new_empty((), dtype=torch.float32)
-    return s, torch.empty_like(s), torch.empty_like(s), F_pred.new_empty(F_pred.shape, dtype=torch.float32)
+def _register(reg: Registration) -> Losses:
+    """Register the two losses as reg.namespace::name the way reg says (soflow_fast.kernels._common); the public
+    functions calling them."""
+    ns, launch = reg.namespace, reg.launch
+
+    @reg.define(f"{ns}::fm_loss", mutates_args=())
+    def fm_op(F_pred: Tensor, v_t: Tensor, t: Tensor, F_unc: Optional[Tensor], mask: Optional[Tensor],
+              coef_trig: bool, p: float, eps: float, cfg_scale: float, mix_ratio: float, cfg_decay_time: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B = F_pred.shape[0]
+        F2, V2 = _rows(F_pred), _rows(v_t)
+        n = F2.shape[1]
+        guided = F_unc is not None
+        FU = _rows(F_unc) if guided else F2
+        M = mask.to(torch.int8).contiguous() if (guided and mask is not None) else F2
+        f32 = dict(dtype=torch.float32, device=F2.device)
+        row_loss, row_mse, row_w = (torch.empty(B, **f32) for _ in range(3))
+        grad = torch.empty(F_pred.shape, **f32)
+        block, one_pass, warps = _launch_cfg(n)
+        launch(_fm_kernel)[(B,)](
+            F2, V2, FU, M, t.contiguous(), row_loss, row_mse, row_w, grad, n, 1.0 / B, p, eps, cfg_scale - 1.0,
+            mix_ratio, cfg_decay_time, CFG_DECAY_K, COEF_TRIG=coef_trig, GUIDED=guided,
+            HAS_MASK=guided and mask is not None, DECAY=guided and cfg_decay_time < 1.0, BLOCK=block,
+            ONE_PASS=one_pass, num_warps=warps)
+        return _terms(row_loss, row_mse, row_w, grad)
+
+    @reg.define(f"{ns}::consistency_loss", mutates_args=())
+    def c_op(F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor, F_l: Tensor, coef_trig: bool,
+             p: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B = F_t.shape[0]
+        FT = _rows(F_t)
+        n = FT.shape[1]
+        f32 = dict(dtype=torch.float32, device=FT.device)
+        row_loss, row_q2, row_w = (torch.empty(B, **f32) for _ in range(3))
+        grad = torch.empty(F_t.shape, **f32)
+        block, one_pass, warps = _launch_cfg(n)
+        launch(_consistency_kernel)[(B,)](
+            FT, _rows(x_t), _rows(u), _rows(F_l), t.contiguous(), s.contiguous(), l.contiguous(), row_loss, row_q2,
+            row_w, grad, n, 1.0 / B, p, eps, COEF_TRIG=coef_trig, BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
+        return _terms(row_loss, row_q2, row_w, grad)
+
+    if reg.fake:
+        fm_op.register_fake(_fake_terms)
+        c_op.register_fake(_fake_terms)
+    fm_op.register_autograd(_fm_backward, setup_context=_setup)
+    c_op.register_autograd(_c_backward, setup_context=_setup)
+    return _public(fm_op, c_op)
 
 
-@torch.library.custom_op("soflow::consistency_loss", mutates_args=())
-def _c_op(F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor, F_l: Tensor, coef_trig: bool,
-          p: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B = F_t.shape[0]
-    FT = _rows(F_t)
-    n = FT.shape[1]
-    f32 = dict(dtype=torch.float32, device=FT.device)
-    row_loss, row_q2, row_w = (torch.empty(B, **f32) for _ in range(3))
-    grad = torch.empty(F_t.shape, **f32)
-    block, one_pass, warps = _launch_cfg(n)
-    _consistency_kernel[(B,)](FT, _rows(x_t), _rows(u), _rows(F_l), t.contiguous(), s.contiguous(), l.contiguous(),
-                              row_loss, row_q2, row_w, grad, n, 1.0 / B, p, eps, COEF_TRIG=coef_trig,
-                              BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
-    return _terms(row_loss, row_q2, row_w, grad)
-
-
-@_c_op.register_fake
-def _(F_t, x_t, u, t, s, l, F_l, coef_trig, p, eps):
-    z = F_t.new_empty((), dtype=torch.float32)
-    return z, torch.empty_like(z), torch.empty_like(z), F_t.new_empty(F_t.shape, dtype=torch.float32)
+def _fake_terms(F, *args):
+    """Three fp32 scalars and the fp32 gradient w.r.t. F (shapes for torch.compile's tracing of custom_op)."""
+    z = F.new_empty((), dtype=torch.float32)
+    return z, torch.empty_like(z), torch.empty_like(z), F.new_empty(F.shape, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -225,35 +237,47 @@ def _c_backward(ctx, d_loss, d_mse, d_w, d_grad):
     return (grad * d_loss).to(ctx.dtype), *([None] * 9)
 
 
-_fm_op.register_autograd(_fm_backward, setup_context=_setup)
-_c_op.register_autograd(_c_backward, setup_context=_setup)
-
-
-# -- public functions (what soflow_fast.kernel_ops hands the model) ------------------------------
+# -- public functions ------------------------------------------------------------------------------
 def _check_rows(op: str, ref: Tensor, **tensors: Optional[Tensor]) -> None:
     for name, v in tensors.items():
         if v is not None:
             check_shape(v, ref.shape if v.dim() > 1 else (ref.shape[0],), name, op)
 
 
-def fm_loss(flow: Flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, p: float, eps: float,
-            F_unc: Optional[Tensor] = None, mask: Optional[Tensor] = None, cfg_scale: float = 1.0,
-            mix_ratio: float = 1.0, cfg_decay_time: float = 1.0) -> LossTerms:
-    """Fused soflow_fast.loss.fm_loss: same values, same gradient w.r.t. F_pred."""
-    _check_rows("fm_loss", F_pred, x_t=x_t, v_t=v_t, t=t, F_unc=F_unc, mask=mask)
-    if not use_triton(F_pred):
-        return eager.fm_loss(flow, F_pred, x_t, v_t, t, p=p, eps=eps, F_unc=F_unc, mask=mask, cfg_scale=cfg_scale,
-                     mix_ratio=mix_ratio, cfg_decay_time=cfg_decay_time)
-    loss, mse, w, _ = _fm_op(F_pred, v_t, t, F_unc, mask, flow.coefficient == "trig", float(p), float(eps),
-                             float(cfg_scale), float(mix_ratio), float(cfg_decay_time))
-    return LossTerms(loss, mse.detach(), w.detach())
+def _public(fm_op, c_op) -> Losses:
+    """Shape checks, and float64 to the eager twin (the kernels compute in fp32; fp64 callers check the math)."""
+    def fm_loss(flow: Flow, F_pred: Tensor, x_t: Tensor, v_t: Tensor, t: Tensor, *, p: float, eps: float,
+                F_unc: Optional[Tensor] = None, mask: Optional[Tensor] = None, cfg_scale: float = 1.0,
+                mix_ratio: float = 1.0, cfg_decay_time: float = 1.0) -> LossTerms:
+        """Fused soflow_fast.loss.fm_loss: same values, same gradient w.r.t. F_pred."""
+        _check_rows("fm_loss", F_pred, x_t=x_t, v_t=v_t, t=t, F_unc=F_unc, mask=mask)
+        if F_pred.dtype == torch.float64:
+            return eager.fm_loss(flow, F_pred, x_t, v_t, t, p=p, eps=eps, F_unc=F_unc, mask=mask,
+                                 cfg_scale=cfg_scale, mix_ratio=mix_ratio, cfg_decay_time=cfg_decay_time)
+        loss, mse, w, _ = fm_op(F_pred, v_t, t, F_unc, mask, flow.coefficient == "trig", float(p), float(eps),
+                                float(cfg_scale), float(mix_ratio), float(cfg_decay_time))
+        return LossTerms(loss, mse.detach(), w.detach())
+
+    def consistency_loss(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
+                         F_l: Tensor, *, p: float, eps: float) -> LossTerms:
+        """Fused soflow_fast.loss.consistency_loss: same values, same gradient w.r.t. F_t (F_l gets none)."""
+        _check_rows("consistency_loss", F_t, x_t=x_t, u=u, t=t, s=s, l=l, F_l=F_l)
+        if F_t.dtype == torch.float64:
+            return eager.consistency_loss(flow, F_t, x_t, u, t, s, l, F_l, p=p, eps=eps)
+        loss, mse, w, _ = c_op(F_t, x_t, u, t, s, l, F_l.detach(), flow.coefficient == "trig", float(p),
+                               float(eps))
+        return LossTerms(loss, mse.detach(), w.detach())
+
+    return Losses(fm_loss, consistency_loss)
 
 
-def consistency_loss(flow: Flow, F_t: Tensor, x_t: Tensor, u: Tensor, t: Tensor, s: Tensor, l: Tensor,
-                     F_l: Tensor, *, p: float, eps: float) -> LossTerms:
-    """Fused soflow_fast.loss.consistency_loss: same values, same gradient w.r.t. F_t (F_l gets none)."""
-    _check_rows("consistency_loss", F_t, x_t=x_t, u=u, t=t, s=s, l=l, F_l=F_l)
-    if not use_triton(F_t):
-        return eager.consistency_loss(flow, F_t, x_t, u, t, s, l, F_l, p=p, eps=eps)
-    loss, mse, w, _ = _c_op(F_t, x_t, u, t, s, l, F_l.detach(), flow.coefficient == "trig", float(p), float(eps))
-    return LossTerms(loss, mse.detach(), w.detach())
+REGISTERED = {reg.namespace: _register(reg) for reg in (CUSTOM, INLINE)}
+
+
+def functions(device_type: str) -> Losses:
+    """The public functions for models on this device type (the registration chosen once, at build)."""
+    return REGISTERED[registration_for(device_type).namespace]
+
+
+# The custom_op registration's functions by name: tests and benchmarks call these.
+fm_loss, consistency_loss = REGISTERED[CUSTOM.namespace]

@@ -37,6 +37,16 @@ def gated_residual_layernorm_modulate_eager(x: Tensor, gate: Tensor, y: Tensor, 
     return res, layernorm_modulate_eager(res, shift, scale)
 
 
+def layernorm_modulate_linear_eager(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """F.linear(layernorm_modulate(x, shift, scale), weight, bias): the adaLN LayerNorm and the linear after it."""
+    return F.linear(layernorm_modulate_eager(x, shift, scale), weight, bias)
+
+
+def linear_gated_residual_eager(x: Tensor, gate: Tensor, a: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x + gate[b] * F.linear(a, weight, bias): a branch's last linear and its gated residual add."""
+    return gated_residual_eager(x, gate, F.linear(a, weight, bias))
+
+
 # -- attention ------------------------------------------------------------------------------------
 def attention_eager(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v, written out; q, k, v [B, H, T, Dh]. The reference for the parity test."""

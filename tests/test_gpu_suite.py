@@ -90,6 +90,12 @@ def test_every_stage_at_tiny_shapes(tmp_path, fake_clock, compiled, capsys):
     assert profile["device_ms_by_category"]["GEMM"] > 0 and profile["top_kernels"]
     assert {"gpu_busy_pct", "host_ms_per_step", "wall_ms_per_step"} <= set(profile)
 
+    kernels = docs["kernels"]["result"]
+    assert [k["op"] for k in kernels["rows"]] == suite.kernel_bench.ADALN + suite.kernel_bench.LINEAR + \
+        suite.kernel_bench.LOSSES
+    for k in kernels["rows"]:  # compile is stubbed here: the compiled path is the eager one, exactly
+        assert k["compiled_vs_eager_err"] == 0 and k["triton_vs_twin_err"] < 0.1 and k["triton_ms"] > 0, k
+
     matrix = docs["matrix"]["result"]
     assert matrix["kernels_auto"] == "eager" and matrix["rounds_done"] == 1
     assert matrix["flops_per_step"]["4"] > 0 and matrix["peak_TFLOP_s"] == {"bf16": None, "fp32 (TF32)": None}

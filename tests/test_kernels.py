@@ -15,6 +15,7 @@ Tolerances, per dtype, and why:
   losses: every reduction is fp32 whatever the input dtype, so fp32 tolerances (1e-5) hold for bf16 inputs too.
 """
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -265,3 +266,133 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+class OpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the namespaces of the soflow ops dispatched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.namespaces = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("soflow"):
+            self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def _registration_cases():
+    B, T, D = 2, 7, 72
+    d = loss_inputs(3, (2, 4, 4), torch.float32, seed=5)
+    flow = Flow("trig", "trig")
+    return {
+        "layernorm_modulate": (lambda f: f.layernorm_modulate, [(B, T, D), (B, D), (B, D)]),
+        "gated_residual": (lambda f: f.gated_residual, [(B, T, D), (B, D), (B, T, D)]),
+        "gated_residual_layernorm_modulate": (lambda f: f.gated_residual_layernorm_modulate,
+                                              [(B, T, D), (B, D), (B, T, D), (B, D), (B, D)]),
+        "layernorm_modulate_linear": (lambda f: f.layernorm_modulate_linear,
+                                      [(B, T, D), (B, D), (B, D), (40, D), (40,)]),
+        "linear_gated_residual": (lambda f: f.linear_gated_residual, [(B, T, 40), (B, 40), (B, T, D), (40, D), (40,)]),
+        "fm_loss": (lambda f: lambda F: tuple(f.fm_loss(flow, F, d["x"], d["v"], d["t"], p=0.75, eps=0.01,
+                                                          F_unc=d["F_unc"], mask=d["mask"], cfg_scale=3.0,
+                                                          mix_ratio=0.25, cfg_decay_time=0.8))[:1], [(3, 2, 4, 4)]),
+        "consistency_loss": (lambda f: lambda F: tuple(f.consistency_loss(flow, F, d["x"], d["u"], d["t"], d["s"],
+                                                                          d["l"], d["F_l"], p=1.0, eps=0.01))[:1],
+                             [(3, 2, 4, 4)]),
+    }
+
+
+@pytest.mark.parametrize("op", list(_registration_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_op_registration_is_the_custom_op_bitwise(op, dtype):
+    """The CUDA registration (triton_op + wrap_triton), run eagerly on this device, gives the custom_op
+    registration's outputs and gradients bit for bit: the two share their launchers. Its torch.compile path needs
+    CUDA (benchmarks/gpu_suite.py checks it there)."""
+    pick, shapes = _registration_cases()[op]
+    from soflow_fast.kernels import adaln_linear
+    registered = {ns: {**adaln.functions(dev)._asdict(), **soflow_loss.functions(dev)._asdict(),
+                       **adaln_linear.functions(dev)._asdict()} for ns, dev in (("soflow", "cpu"),
+                                                                               ("soflow_triton", "cuda"))}
+    args = [torch.randn(*s, device=DEV).to(dtype) for s in shapes]
+    results = {}
+    for ns, functions in registered.items():
+        fn = pick(SimpleNamespace(**functions))
+        leaves = [x.clone().requires_grad_() for x in args]
+        with OpsCalled() as seen:
+            out = fn(*leaves)
+            out = out if isinstance(out, tuple) else (out,)
+            cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o) for i, o in enumerate(out)]
+            grads = torch.autograd.grad(out, leaves, cot)
+        assert seen.namespaces == {ns}, (ns, seen.namespaces)
+        results[ns] = (out, grads)
+    for a, b in zip(*(sum(results[ns], ()) for ns in registered)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target,chunks", [(1, 1), (8, 3)])
+def test_backward_reductions_in_the_parameters_dtype(monkeypatch, dtype, target, chunks):
+    """The sums over T (dshift, dscale, dgate) come out in the parameters' dtype by both routes: written by the
+    backward kernel when one chunk of rows per sample suffices, else by the chunk-sum kernel. Tolerances: close()."""
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(adaln, "programs_target", lambda t: target * t.shape[0])
+    monkeypatch.setattr(adaln, "_sum_chunks_kernel", Counting(adaln._sum_chunks_kernel))
+    monkeypatch.setattr(adaln, "row_tile", lambda D: (4, 128, 4))  # tiles of 4 rows: T = 11 at 8 programs per
+    B, T, D = 2, 11, 72                                              # sample is 3 chunks of 4 rows
+    args = (rand(B, T, D, dtype=dtype), rand(B, D, dtype=dtype), rand(B, T, D, dtype=dtype), rand(B, D, dtype=dtype),
+            rand(B, D, dtype=dtype))
+    check_fwd_bwd(adaln.gated_residual_layernorm_modulate, ops.gated_residual_layernorm_modulate_eager, args, dtype,
+                  ["x", "gate", "y", "shift", "scale"])
+    assert len(launches) == (chunks > 1) and (not launches or launches[0] == (B, 1))
+
+
+# -- adaLN fused into the neighbouring GEMM (kernels/adaln_linear.py) -----------------------------
+# Tolerances as close() states: fp32 1e-5 (the GEMM sums over K in another order than torch's); bf16 by relative
+# L2 error < 1e-2 (forward measured bit-identical at these sizes; gradients round differently, as above).
+LINEAR_CASES = [((2, 13, 72, 40), torch.float32), ((1, 5, 40, 24), torch.float32), ((2, 13, 72, 40), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape,dtype", LINEAR_CASES)  # (B, T, K, N): K, N not tile multiples, T odd
+def test_layernorm_modulate_linear(shape, dtype):
+    from soflow_fast.kernels import adaln_linear
+    B, T, K, N = shape
+    args = (rand(B, T, K, dtype=dtype) * 3 + 1, rand(B, K, dtype=dtype), rand(B, K, dtype=dtype),
+            rand(N, K, dtype=dtype) * 0.2, rand(N, dtype=dtype))
+    args = tuple(a.detach().requires_grad_() for a in args)
+    check_fwd_bwd(adaln_linear.layernorm_modulate_linear, ops.layernorm_modulate_linear_eager, args, dtype,
+                  ["x", "shift", "scale", "weight", "bias"])
+
+
+@pytest.mark.parametrize("shape,dtype", LINEAR_CASES)
+def test_linear_gated_residual(shape, dtype):
+    from soflow_fast.kernels import adaln_linear
+    B, T, K, N = shape
+    args = (rand(B, T, N, dtype=dtype), rand(B, N, dtype=dtype), rand(B, T, K, dtype=dtype),
+            (rand(N, K, dtype=dtype) * 0.2).detach().requires_grad_(), rand(N, dtype=dtype))
+    check_fwd_bwd(adaln_linear.linear_gated_residual, ops.linear_gated_residual_eager, args, dtype,
+                  ["x", "gate", "a", "weight", "bias"])
+
+
+def test_linear_ops_mixed_dtypes_and_checks():
+    """An fp32 residual stream with a bf16 GEMM (weights and branch input bf16, as autocast casts them), and shape
+    errors that name the tensor."""
+    from soflow_fast.kernels import adaln_linear
+    bf16 = torch.bfloat16
+    B, T, K, N = 2, 5, 40, 24
+    args = (rand(B, T, N), rand(B, N, dtype=bf16), rand(B, T, K, dtype=bf16), rand(N, K, dtype=bf16),
+            rand(N, dtype=bf16))
+    check_fwd_bwd(adaln_linear.linear_gated_residual, ops.linear_gated_residual_eager, args, bf16,
+                  ["x", "gate", "a", "weight", "bias"])
+    with pytest.raises(ValueError, match="bias"):
+        adaln_linear.layernorm_modulate_linear(rand(B, T, K), rand(B, K), rand(B, K), rand(N, K), rand(N + 1))
+    with pytest.raises(ValueError, match="weight"):
+        adaln_linear.linear_gated_residual(rand(B, T, N), rand(B, N), rand(B, T, K), rand(N, K + 1), rand(N))

@@ -32,7 +32,7 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
     fields.update(overrides)
     cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, null_class=null_class,
                     kernels=impl, **fields)
-    return DiT(cfg, attention).to(device)
+    return DiT(cfg, attention, torch.device(device).type).to(device)
 
 
 KINDS = {"dit": (DiT, DiTConfig), "unet": (SongUNet, UNetConfig)}
@@ -54,7 +54,7 @@ def model_from_config(description: dict, kernels: str = "eager", device: torch.d
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     config = {k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v for k, v in config.items()}
     cfg = cfg_cls(**config, kernels=resolve_kernels(kernels, device))
-    return (DiT(cfg, attention) if cls is DiT else cls(cfg)).to(device)
+    return (DiT(cfg, attention, torch.device(device).type) if cls is DiT else cls(cfg)).to(device)
 
 
 def is_model_type(name: str) -> bool:

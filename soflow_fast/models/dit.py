@@ -173,7 +173,9 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class Attention(nn.Module):
-    """attend: q, k, v [B, H, T, Dh] -> [B, H, T, Dh], resolved once at build (soflow_fast.attention)."""
+    """attend: q, k, v [B, H, T, Dh] -> [B, H, T, Dh], resolved once at build (soflow_fast.attention). The block
+    applies `qkv` (fused with the adaLN LayerNorm before it: KernelOps.layernorm_modulate_linear) and hands the
+    result in."""
 
     def __init__(self, hidden: int, heads: int, attend: AttentionFn = F.scaled_dot_product_attention):
         super().__init__()
@@ -182,20 +184,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, dx: Optional[Tensor] = None):
-        B, T, D = x.shape
+    def forward(self, qkv: Tensor, dqkv: Optional[Tensor] = None):
+        B, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
 
-        def heads(qkv: Tensor) -> Tensor:
-            return qkv.reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
 
         def merge(o: Tensor) -> Tensor:
             return o.transpose(1, 2).reshape(B, T, D)
 
-        q, k, v = heads(self.qkv(x))
+        q, k, v = heads(qkv)
         out = self.proj(merge(self.attend(q, k, v)))
-        if dx is None:
+        if dqkv is None:
             return out
-        dq, dk, dv = heads(linear_difference(self.qkv, dx))
+        dq, dk, dv = heads(dqkv)
         return out, linear_difference(self.proj, merge(attention_difference(q, k, v, dq, dk, dv)))
 
 
@@ -216,6 +218,8 @@ def attention_difference(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor
 
 
 class Mlp(nn.Module):
+    """act(fc1(x)); the block applies fc2 (fused with the gated residual after it: KernelOps.linear_gated_residual)."""
+
     def __init__(self, hidden: int, ratio: float):
         super().__init__()
         self.fc1 = nn.Linear(hidden, int(hidden * ratio))
@@ -224,11 +228,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor, dx: Optional[Tensor] = None):
         hidden = self.fc1(x)
-        out = self.fc2(self.act(hidden))
+        out = self.act(hidden)
         if dx is None:
             return out
-        d_act = secant(self.act, (hidden,), (linear_difference(self.fc1, dx),))
-        return out, linear_difference(self.fc2, d_act)
+        return out, secant(self.act, (hidden,), (linear_difference(self.fc1, dx),))
 
 
 class DiTBlock(nn.Module):
@@ -243,23 +246,25 @@ class DiTBlock(nn.Module):
         with skeleton(x.device.type):
             mod = self.adaLN_modulation(c)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
-        k = self.kernel_ops
-        h = k.layernorm_modulate(x, shift1, scale1)
-        attn = self.attn(h)
-        # The attention branch's residual add and the MLP branch's LN + modulate in one pass over the stream.
+        k, qkv_layer, fc2 = self.kernel_ops, self.attn.qkv, self.mlp.fc2
+        # LN + modulate as the qkv GEMM's prologue; the attention branch's residual add and the MLP branch's
+        # LN + modulate in one pass over the stream; the MLP's gated residual as the fc2 GEMM's epilogue.
+        qkv = k.layernorm_modulate_linear(x, shift1, scale1, qkv_layer.weight, qkv_layer.bias)
+        attn = self.attn(qkv)
         res, h2 = k.gated_residual_layernorm_modulate(x, gate1, attn, shift2, scale2)
-        mlp = self.mlp(h2)
-        out = k.gated_residual(res, gate2, mlp)
+        act = self.mlp(h2)
+        out = k.linear_gated_residual(res, gate2, act, fc2.weight, fc2.bias)
         if pair is None:
             return out
         dx, dc = pair
         dmod = modulation_difference(self.adaLN_modulation, c, dc).chunk(6, dim=1)
         dh = secant(ops.layernorm_modulate_eager, (x, shift1, scale1), (dx, dmod[0], dmod[1]))
-        _, d_attn = self.attn(h, dh)
+        _, d_attn = self.attn(qkv, linear_difference(qkv_layer, dh))
         d_res = residual_difference(dx, gate1, attn, dmod[2], d_attn)
         dh2 = secant(ops.layernorm_modulate_eager, (res, shift2, scale2), (d_res, dmod[3], dmod[4]))
-        _, d_mlp = self.mlp(h2, dh2)
-        return out, (residual_difference(d_res, gate2, mlp, dmod[5], d_mlp), dc)
+        _, d_act = self.mlp(h2, dh2)
+        mlp = fc2(act)  # the branch output the difference needs (the fused op returns only the sum)
+        return out, (residual_difference(d_res, gate2, mlp, dmod[5], linear_difference(fc2, d_act)), dc)
 
 
 def modulation_difference(ada: nn.Sequential, c: Tensor, dc: Tensor) -> Tensor:
@@ -285,8 +290,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor, pair: Optional[tuple[Tensor, Tensor]] = None):
         with skeleton(x.device.type):
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            h = self.kernel_ops.layernorm_modulate(x, shift, scale)
-            out = self.linear(h)
+            out = self.kernel_ops.layernorm_modulate_linear(x, shift, scale, self.linear.weight, self.linear.bias)
             if pair is None:
                 return out
             dx, dc = pair
@@ -297,9 +301,11 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """F(x, t, s, y): x [B, C, H, W], t and s [B] in [0, 1], y [B] int64 or None (the null label). attention: the
-    blocks' implementation (soflow_fast.attention.resolve_attention; default PyTorch SDPA)."""
+    blocks' implementation (soflow_fast.attention.resolve_attention; default PyTorch SDPA). device_type: where the
+    model will run, which picks how Triton ops are registered (soflow_fast.kernel_ops.kernel_ops_for)."""
 
-    def __init__(self, cfg: DiTConfig, attention: AttentionFn = F.scaled_dot_product_attention):
+    def __init__(self, cfg: DiTConfig, attention: AttentionFn = F.scaled_dot_product_attention,
+                 device_type: str = "cpu"):
         super().__init__()
         self.cfg = cfg
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
@@ -309,7 +315,7 @@ class DiT(nn.Module):
         grid = cfg.input_size // cfg.patch_size
         # A frozen parameter (not a buffer) so that it sits in checkpoints under the reference's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.hidden_size), requires_grad=False)
-        self.kernel_ops = kernel_ops_for(cfg.kernels)  # resolved here, once: forward only calls its functions
+        self.kernel_ops = kernel_ops_for(cfg.kernels, device_type)  # chosen here, once: forward only calls them
         self.blocks = nn.ModuleList(DiTBlock(cfg, self.kernel_ops, attention) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg, self.kernel_ops)
         self.initialize_weights()
