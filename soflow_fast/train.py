@@ -241,7 +241,7 @@ class Trainer:
         self.net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=in_ch, num_classes=num_classes,
                                null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels, device=self.device,
                                attention=self.attention.fn, **overrides)
-        self.kernel_ops = kernel_ops_for(self.net.cfg.kernels, self.device.type)  # the loss functions, with the model's choice
+        self.kernel_ops = kernel_ops_for(self.net.cfg.kernels, self.device.type)  # the loss functions
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
