@@ -21,7 +21,8 @@ also in OUT/summary.md; each child's output in OUT/<stage>.log). Stages run in t
                  torch.compile of the eager twin, the Triton op, and the Triton op compiled, bf16, at the model's
                  width and the first batch x its tokens (the GEMM-fused ops among them)
   matrix    360  step ms, images/s and MFU of the three-call step for every precision mode x kernels (eager,
-                 triton, auto) x compile (none, blocks, model) x batch (32, 64), and of the reference's six-call
+                 triton, auto) x compile (none, blocks, model, step; on CUDA also model+graphs and step+graphs:
+                 CUDA graph trees, mode "reduce-overhead") x batch (32, 64), and of the reference's six-call
                  step in fp32 + TF32, measured round-robin; most wanted first, what does not fit is recorded as
                  skipped; a warm-up (compile) past --warmup-cap-s is abandoned
 
@@ -34,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import inspect
 import json
 import os
 import platform
@@ -67,9 +67,9 @@ from soflow_fast.config import load_config  # noqa: E402
 from soflow_fast.fileio import atomic_open  # noqa: E402
 from soflow_fast.kernel_ops import kernel_ops_for, resolve_kernels  # noqa: E402
 from soflow_fast.models.dit import DiT, DiTConfig  # noqa: E402
-from soflow_fast.parallel import parallelize  # noqa: E402
+from soflow_fast.parallel import compile_backend, parallelize  # noqa: E402
 from soflow_fast.precision import AUTO_CUDA, MODES, numerics, resolve_precision  # noqa: E402
-from soflow_fast.step import draw_noise, soflow_loss  # noqa: E402
+from soflow_fast.step import compiled_loss, draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.train import peak_flops  # noqa: E402
 
 RECIPE = ROOT / "configs" / "imagenet.yaml"  # the step's hyper-parameters and AdamW settings
@@ -270,18 +270,17 @@ def share_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         d._buffers.update(source[name]._buffers)
 
 
+def split_compile(compile: str) -> tuple[str, bool]:
+    """A variant's compile ('none' | 'blocks' | 'model' | 'step', '+graphs' for CUDA graphs) -> (mode, graphs)."""
+    mode, _, graphs = compile.partition("+")
+    return mode, graphs == "graphs"
+
+
 def compile_model(net: torch.nn.Module, compile: str, device: torch.device) -> torch.nn.Module:
-    """The suite's one call of parallelize (one process: no wrapper), compile = 'none' | 'blocks' | 'model'."""
-    if "compile" in inspect.signature(parallelize).parameters:
-        return parallelize(net, "none", param_dtype=None, activation_checkpointing=False, compile=compile,
-                           device=device)
-    # TRANSITIONAL (issue 14): today's parallelize takes compile_blocks: bool. Delete this branch once
-    # parallelize(compile='none' | 'blocks' | 'model') has landed.
-    net = parallelize(net, "none", param_dtype=None, activation_checkpointing=False,
-                      compile_blocks=compile == "blocks", device=device)
-    if compile == "model":
-        net.compile()
-    return net
+    """The suite's one call of parallelize (one process: no wrapper); 'step' compiles the loss, not the net."""
+    mode, graphs = split_compile(compile)
+    return parallelize(net, "none", param_dtype=None, activation_checkpointing=False, compile=mode, device=device,
+                       cuda_graphs=graphs)
 
 
 class StepBench:
@@ -317,8 +316,12 @@ class StepBench:
         y = torch.randint(0, self.cfg.num_classes, (v.batch,), device=dev) if self.cfg.num_classes else None
         null = self.base.null_label
         net_ops = kernel_ops_for(v.kernels, dev.type)
+        mode_c, graphs = split_compile(v.compile)
+        loss_fn = compiled_loss(compile_backend(), graphs) if mode_c == "step" else soflow_loss
 
         def run() -> None:
+            if graphs:  # a new step for CUDA graph trees: the last step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             noise = draw_noise(hp, x0, self.guided, self.gen)
             self.opt.zero_grad(set_to_none=True)
             with numerics(mode, dev):
@@ -326,8 +329,7 @@ class StepBench:
                     loss, _ = reference_math.six_call_step(net, flow.noising, flow.coefficient, hp, x0, y, noise, 0,
                                                            null)
                 else:
-                    loss = soflow_loss(net, flow, hp, x0, y, noise, 0, null, kernel_ops=net_ops,
-                                       precision=mode).loss
+                    loss = loss_fn(net, flow, hp, x0, y, noise, 0, null, kernel_ops=net_ops, precision=mode).loss
                 loss.backward()
             self.opt.step()
         return run
@@ -424,16 +426,19 @@ def profile_answer(r: dict) -> str:
 
 
 # -- (c) the step matrix --------------------------------------------------------------------------
-def matrix_variants(impls: list[str], batches: tuple[int, ...]) -> list[Variant]:
-    """Every variant, most wanted first: the default mode compiled as a model, the reference's six-call baseline,
-    then the uncompiled variants (cheap), then the compiled ones (a compile costs minutes), default mode first."""
+def matrix_variants(impls: list[str], batches: tuple[int, ...], cuda: bool) -> list[Variant]:
+    """Every variant, most wanted first: the default mode compiled as a model, as a step and (CUDA) as a step in CUDA
+    graphs, the reference's six-call baseline, then the uncompiled variants (cheap), then the compiled ones (a
+    compile costs minutes), default mode first."""
     modes = [AUTO_CUDA] + [m for m in MODES if m != AUTO_CUDA]
-    out = [Variant(THREE, AUTO_CUDA, "eager", "model", batches[0]), Variant(SIX, "fp32", "eager", "none", batches[0])]
+    compiles = ("model", "step") + (("step+graphs", "model+graphs") if cuda else ()) + ("blocks",)
+    out = [Variant(THREE, AUTO_CUDA, "eager", c, batches[0]) for c in compiles[:3]]
+    out += [Variant(SIX, "fp32", "eager", "none", batches[0])]
     for B in batches:
         out += [Variant(SIX, "fp32", "eager", "none", B)]
         out += [Variant(THREE, m, k, "none", B) for m in modes for k in impls]
     for B in batches:
-        out += [Variant(THREE, m, k, c, B) for m in modes for c in ("model", "blocks") for k in impls]
+        out += [Variant(THREE, m, k, c, B) for m in modes for c in compiles for k in impls]
     return list(dict.fromkeys(out))
 
 
@@ -513,7 +518,8 @@ def matrix_result(bench: StepBench, rows: dict, kernels_auto: str, reps: int, do
 
 def stage_matrix(ctx: Ctx) -> dict:
     requested = {k: resolve_kernels(k, ctx.device) for k in ("eager", "triton", "auto")}
-    variants = matrix_variants(list(dict.fromkeys(requested.values())), ctx.shapes.batches)
+    variants = matrix_variants(list(dict.fromkeys(requested.values())), ctx.shapes.batches,
+                               ctx.device.type == "cuda")
     rows = {v: {**dataclasses.asdict(v), "name": v.name, "status": "pending"} for v in variants}
     reps, done, steps = ctx.shapes.reps, 0, {}
     with tf32_matmuls(True), torch._dynamo.config.patch(**dynamo_limits()):

@@ -352,6 +352,8 @@ class Trainer:
         as 0-dim device tensors: the loss terms, grad_norm, and nonfinite (1.0 when the loss or gradient norm was not
         finite: then the optimizer and EMA updates were no-ops, and the next `_take_nonfinite` reports the step)."""
         self.model.train()
+        if self.cfg.cuda_graphs:  # a new step for CUDA graph trees: last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         guided = y is not None and self.hp.cfg_scale > 1.0
         self.optimizer.zero_grad(set_to_none=True)
         values = None

@@ -102,7 +102,8 @@ def test_every_stage_at_tiny_shapes(tmp_path, fake_clock, compiled, capsys):
     rows = matrix["rows"]
     assert all(r["status"] == "measured" for r in rows), [r["status"] for r in rows]
     three = {(r["precision"], r["kernels"], r["compile"]) for r in rows if r["formulation"] == "three-call"}
-    assert three == {(m, k, c) for m in MODES for k in ("eager", "triton") for c in ("none", "blocks", "model")}
+    assert three == {(m, k, c) for m in MODES for k in ("eager", "triton")  # no CUDA: no "+graphs" variants
+                     for c in ("none", "blocks", "model", "step")}
     assert [(r["formulation"], r["precision"]) for r in rows if r["formulation"] == "six-call"] == [("six-call",
                                                                                                        "fp32")]
     assert all(r["step_ms"] > 0 and r["speedup_vs_six_call"] > 0 and r["images_s"] > 0 and r["mfu"] is None
@@ -110,6 +111,8 @@ def test_every_stage_at_tiny_shapes(tmp_path, fake_clock, compiled, capsys):
     # compile='blocks' compiled each block, 'model' the whole network, once per kernel implementation
     owners = [type(getattr(fn, "__self__", None)) for fn in compiled]
     assert owners.count(DiTBlock) == 2 and owners.count(DiT) == 2
+    # 'step' compiled the loss of each step variant (one precision mode x kernels each), not a module
+    assert sum(getattr(fn, "__name__", "") == "_loss_at" for fn in compiled) == len(MODES) * 2
 
     table = last_table(capsys.readouterr().out)
     assert [line.split("|")[1].strip() for line in table[2:]] == list(suite.STAGES)
@@ -137,7 +140,7 @@ def test_the_matrix_stops_cleanly_at_its_cap(tmp_path, fake_clock, compiled):
     doc = load(tmp_path, "matrix")
     assert doc["status"] == "ok" and doc["result"]["rounds_done"] == 0
     assert {r["status"] for r in doc["result"]["rows"]} == {"skipped: stage cap"}
-    assert len(doc["result"]["rows"]) == 2 * (1 + len(MODES) * 2 * 3) and not compiled  # B = 4 and 8
+    assert len(doc["result"]["rows"]) == 2 * (1 + len(MODES) * 2 * 4) and not compiled  # B = 4 and 8; 4 compiles
 
 
 def test_children_on_a_cpu_skip_cuda_stages_and_are_killed_at_their_cap(tmp_path):
