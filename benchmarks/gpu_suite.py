@@ -70,7 +70,7 @@ from soflow_fast.models.dit import DiT, DiTConfig  # noqa: E402
 from soflow_fast.parallel import compile_backend, parallelize  # noqa: E402
 from soflow_fast.precision import AUTO_CUDA, MODES, numerics, resolve_precision  # noqa: E402
 from soflow_fast.step import compiled_loss, draw_noise, soflow_loss  # noqa: E402
-from soflow_fast.train import peak_flops  # noqa: E402
+from soflow_fast.metrics import peak_flops  # noqa: E402
 
 RECIPE = ROOT / "configs" / "imagenet.yaml"  # the step's hyper-parameters and AdamW settings
 RESERVE_S = 5.0  # kept back from --total-s for the summary

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soflow_fast.data.latents import LATENT_SCALE, dali_available, make_latent_loader
+from soflow_fast.data.latents import LatentLoader, dali_available
 from soflow_fast.data.prepare import write_manifest, write_shard
+from soflow_fast.vae import LATENT_SCALE
 
 
 def write_synthetic(root: Path, count: int, shard_size: int, dtype: str) -> None:
@@ -43,7 +44,7 @@ def _sync(device: torch.device) -> None:
 
 
 def loader_rate(root: Path, backend: str, batch: int, batches: int, device: torch.device, workers: int) -> float:
-    loader = make_latent_loader(root, batch, seed=0, device=device, backend=backend, num_workers=workers)
+    loader = LatentLoader(root, batch, seed=0, device=device, backend=backend, num_workers=workers)
     for _ in range(3):
         loader.next()
     _sync(device)

@@ -122,8 +122,7 @@ def table(rows: list[dict], device_name: str) -> str:
 
 
 def load_digits(path: str, device):
-    from soflow_fast.checkpoint import consolidate
-    from soflow_fast.train import model_from_checkpoint
+    from soflow_fast.checkpoint import consolidate, model_from_checkpoint
 
     return model_from_checkpoint(consolidate(path), "ema", "eager", device).train()
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .models import DIT_SIZES, canonical_size
+from .precision import Precision
 
 ATTENTION_MODES = ("auto", "sdpa", "flash-attn", "cudnn", "flash", "efficient", "math")
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -136,3 +138,15 @@ def fastest_from_suite(doc: dict) -> tuple[str, dict]:
     best = min(totals, key=totals.get)
     return cls, {"backend": SUITE_LABELS[best], "measured": f"{doc.get('device')}, torch {doc.get('torch')}, "
                                                             f"batch {result.get('batch')}: {totals[best]:.3f} ms"}
+
+
+def attention_for_model(mode: str, model_type: str, device: torch.device, precision: Precision,
+                        hidden_size: Optional[int] = None, num_heads: Optional[int] = None) -> AttentionChoice:
+    """The attention of a run's network (config keys attention, model_type, hidden_size, num_heads; None: the size
+    table's). The U-Net's is chosen per call (ops.attention). flash-attn needs every call in bf16: the precision
+    modes that put the teacher, FM and pair calls all in bf16."""
+    if not model_type.startswith("DiT"):
+        return AttentionChoice("per call", ops.attention, "the U-Net's: sdpa, or flash-attn for bf16 CUDA tensors")
+    _, hidden, _, heads = DIT_SIZES[canonical_size(model_type)]
+    bf16 = precision.teacher_bf16 and precision.fm_bf16 and precision.pair_bf16
+    return resolve_attention(mode, device, bf16=bf16, head_dim=(hidden_size or hidden) // (num_heads or heads))

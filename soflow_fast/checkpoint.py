@@ -5,24 +5,60 @@ size): ckpts/step_XXXXXXXX/ holds the DCP files (model, optimizer, EMA) and meta
 architecture). They are written under step_XXXXXXXX.tmp/ and renamed when complete, so a killed run never leaves a
 half-written checkpoint under a final name. A consolidated checkpoint is one .pt file (model, ema, architecture),
 made by `soflow-fast export` or `import-checkpoint`, and read by `sample`. All loads are weights_only.
+
+`Checkpointer` is the trainer's side: it assembles the DCP state (model, optimizer, EMA), saves it with the meta,
+prunes old checkpoints, and on resume refuses a checkpoint whose model differs from the configured one, naming the
+first differing field. `read_checkpoint` and `load_state_strict` are the one reader and the one strict loader of
+.pt files and state dicts (models/reference.py imports them too).
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from .fileio import atomic_open
-from .models.reference import read_checkpoint
+
+log = logging.getLogger("soflow_fast")
 
 FORMAT = "soflow_fast/1"
 META = "meta.pt"
 _NAME = re.compile(r"^step_(\d{8})$")
 CONSOLIDATED_KEYS = ("format", "model", "ema", "step", "model_config", "flow")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load(weights_only=True) of a dict, with errors that name the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
+    except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        raise ValueError(f"checkpoint {path}: cannot be read as a weights-only torch checkpoint ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
+    """load_state_dict that names the first missing key, unknown key or shape mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unknown = sorted(set(state) - set(own))
+    if missing:
+        raise KeyError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
+    if unknown:
+        raise KeyError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown)")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: key {k!r} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+    model.load_state_dict(state)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -127,3 +163,64 @@ def consolidate(path: str | os.PathLike) -> dict:
     ema = {k: state["ema"].get(k, v) for k, v in state["model"].items()}  # the EMA has no buffers: the model's
     return {"format": FORMAT, "model": state["model"], "ema": ema, "step": meta["step"],
             "model_config": meta["model_config"], "flow": meta["flow"], "config": meta.get("config")}
+
+
+def model_from_checkpoint(ck: dict, weights: str = "ema", kernels: str = "eager",
+                          device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the network a consolidated checkpoint describes and load its EMA (default) or raw weights."""
+    from .models import model_from_config
+
+    model = model_from_config(ck["model_config"], kernels, device)
+    load_state_strict(model, ck[weights], f"checkpoint [{weights}]")
+    return model.eval()
+
+
+class Checkpointer:
+    """Training checkpoints of one run directory: save (collective), prune to `keep`, resume.
+
+    The state is model and optimizer (torch.distributed.checkpoint's get_state_dict: sharded under FSDP, plain
+    otherwise) and the EMA tensors, filled in place on resume, so any world size can resume any other's checkpoint.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int, is_main: bool):
+        self.run_dir, self.keep, self.is_main = Path(run_dir), keep, is_main
+
+    @staticmethod
+    def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor]) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": ema}
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor],
+             meta: dict) -> Path:
+        """Collective: ckpts/step_<step>/ with every rank's shards and rank 0's meta (`meta` must hold 'step',
+        'model_config' and 'flow' for consolidate)."""
+        path = checkpoint_dir(self.run_dir, step)
+        save_training_checkpoint(path, self._state(model, optimizer, ema), meta, self.is_main)
+        if self.is_main:
+            prune_checkpoints(self.run_dir, self.keep)
+        return path
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor],
+               model_config: dict) -> Optional[dict]:
+        """Collective: load the latest checkpoint into model, optimizer and ema (in place) and return its meta;
+        None when the run has none. A checkpoint of another model (model_config: models.describe) is refused."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        meta = read_meta(path)
+        theirs = meta["model_config"]
+        diff = [k for k in model_config["config"] if theirs.get("config", {}).get(k) != model_config["config"][k]]
+        if theirs.get("kind") != model_config["kind"] or diff:
+            key = diff[0] if diff else "kind"
+            raise ValueError(f"checkpoint {path}: its model has {key} = "
+                             f"{theirs.get('config', {}).get(key, theirs.get('kind'))!r}, the config asks for "
+                             f"{model_config['config'].get(key, model_config['kind'])!r}")
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state(model, optimizer, ema)
+        load_training_state(path, state)  # fills the EMA tensors in place
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        log.info("resumed from %s at step %d (written by %d ranks)", path, meta["step"], meta.get("world_size", 1))
+        return meta

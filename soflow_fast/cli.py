@@ -18,20 +18,16 @@ def _train(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(s) for s in args.set or [])
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, args.run_dir)
-    trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)
-    if cfg.dataset_type == "digits" and cfg.quality_report and trainer.step >= cfg.total_steps:
-        from .evaluation.digits_quality import run_quality_report
-
-        run_quality_report(trainer)
+    trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)  # ends with the digits quality report
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .checkpoint import consolidate
+    from .checkpoint import consolidate, model_from_checkpoint
     from .flow import Flow
     from .parallel import init_distributed
-    from .sampling import generate, load_decoder
-    from .train import model_from_checkpoint
+    from .sampling import generate
+    from .vae import load_vae
 
     dist = init_distributed(args.device)
     ck = consolidate(args.checkpoint)
@@ -45,17 +41,17 @@ def _sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--labels: {bad[0]} is outside 0..{classes - 1}")
     path = generate(model, Flow(**ck["flow"]), Path(args.out), num=args.num_samples, nfe=args.nfe, seed=args.seed,
                     batch_size=args.batch_size, dist=dist, labels=labels,
-                    vae=load_decoder(args.vae, dist.device))
+                    vae=load_vae(args.vae, dist.device) if args.vae else None)
     if path is not None:
         print(f"wrote {args.num_samples} samples to {path} (arr_0 uint8 NHWC) and {path.with_suffix('.png')}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .checkpoint import FORMAT, atomic_save
+    from .checkpoint import FORMAT, atomic_save, load_state_strict, read_checkpoint
     from .config import load_config
     from .models import build_unet, describe
-    from .models.reference import infer_dit_config, load_state_strict, read_checkpoint, strip_reference_prefix
+    from .models.reference import infer_dit_config, strip_reference_prefix
 
     ref = read_checkpoint(args.reference)
     for key in ("model", "ema_model"):

@@ -11,9 +11,9 @@ Interchangeable backends, picked by `build_optimizer(kind, ...)`:
 - 'apex': NVIDIA apex's FusedAdam (adam_w_mode) with the separate EMA, only if real NVIDIA apex is
   installed (the PyPI package called `apex` is an unrelated project).
 
-`step_with_ema(optimizer, ema_params, params, decay)` is the one call a trainer needs for any of them. Given a
-`found_inf` flag (a non-finite gradient), it skips the whole update on the device, so the host never reads the
-flag: see `optimizer_step`.
+`step_with_ema(optimizer, ema_params, params, decay)` is the one call a trainer needs for any of them (ema.EMA
+makes it, with the decay schedule). Given a `found_inf` flag (a non-finite gradient), it skips the whole update on
+the device, so the host never reads the flag: see `optimizer_step`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 `init_distributed` reads torchrun's environment (NCCL on GPUs, gloo on CPU); `parallelize` applies, per config,
 activation checkpointing per DiT block, torch.compile (per block or of the whole network), then FSDP2 (fully_shard
-per block, then at the root, with bf16 parameters/compute and fp32 gradient reduction) or DDP.
+per block, then at the root, with bf16 parameters/compute and fp32 gradient reduction) or DDP (the composable
+`replicate`). Both act in place: the network keeps its class's interface and parameter names (no wrapper to unwrap),
+and both take `set_requires_gradient_sync` to skip the all-reduce of all but the last micro-batch.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
     blocks = list(getattr(model, "blocks", []))
     if compile == "blocks" and not blocks:
         raise ValueError(f"compile: 'blocks' compiles each block, and {type(model).__name__} has none; use 'model'")
-    if compile == "step" and mode != "none":  # FSDP's hooks and DDP's bucketing break a whole-step graph
+    if compile == "step" and mode != "none":  # FSDP2 and replicate hooks (dynamo-disabled) break a whole-step graph
         raise ValueError(f"compile: 'step' runs on one process (parallel none), not parallel {mode}; use 'model'")
     if activation_checkpointing:
         for block in blocks:
@@ -137,16 +139,19 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
     # Under FSDP2 'model' compiles each block too, as torchtitan does: each sharded block's FSDP hooks are
     # dynamo-disabled, so a whole-network graph breaks at every block (measured on CPU with gloo: fullgraph=True
     # fails there; without it the root's block loop falls back to eager). A root without blocks compiles whole.
-    if compile == "blocks" or (compile == "model" and mode == "fsdp" and blocks):
-        targets = blocks
-    else:
-        targets = [model] if compile == "model" else []
+    per_block = compile == "blocks" or (compile == "model" and mode == "fsdp" and blocks)
     # cuda_graphs: cudagraph trees record each compiled call once per shape and replay it, with no per-kernel launch
     # cost on the host. Only the network is captured: the step's random draws (host-seeded generators) and the
-    # optimizer and EMA updates run outside the graphs.
-    graphs = {"mode": "reduce-overhead"} if cuda_graphs else {}
-    for module in targets:  # dynamic=False: a step's calls have fixed shapes, one graph each, reused every step
-        module.compile(backend=compile_backend(), dynamic=False, fullgraph=True, **graphs)
+    # optimizer and EMA updates run outside the graphs. dynamic=False: a step's calls have fixed shapes, one graph
+    # each, reused every step.
+    options = dict(backend=compile_backend(), dynamic=False, fullgraph=True)
+    if cuda_graphs:
+        options["mode"] = "reduce-overhead"
+    if per_block:
+        for block in blocks:
+            block.compile(**options)
+    elif compile == "model":  # the forward, not the module's call: replicate's hooks (dynamo-disabled) stay outside
+        model.forward = torch.compile(model.forward, **options)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -158,17 +163,12 @@ def parallelize(model: nn.Module, mode: str, *, param_dtype: Optional[torch.dtyp
             fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     elif mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.distributed._composable import replicate
 
         # A compiled network runs its backward as one autograd node: DDP's all-reduce starts after it, without overlap
         # (DDP is the choice for small models; FSDP2 for large ones).
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        replicate(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,8 @@ def test_cuda_graphs_compiles_with_reduce_overhead(monkeypatch, cuda_graphs):
     default mode. torch.compile is recorded, not run: CUDA graphs need a GPU."""
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    # the whole network compiles its forward (parallel.parallelize): record whose
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((type(fn.__self__).__name__, kw)) or fn)
     net, _ = twins("dit")
     parallelize(net, "none", param_dtype=None, activation_checkpointing=False, compile="model",
                 device=torch.device("cuda"), cuda_graphs=cuda_graphs)

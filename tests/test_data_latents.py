@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from soflow_fast.data.latents import (LATENT_SCALE, LatentDataError, LatentShards, epoch_indices,
-                                      make_latent_loader)
+from soflow_fast.data.latents import LatentDataError, LatentLoader, LatentShards
+from soflow_fast.data.loader import epoch_indices
 from soflow_fast.data.prepare import write_manifest, write_shard
+from soflow_fast.vae import LATENT_SCALE
 
 
 def make_latent_dir(path, n=30, shard_size=8, hw=4, dtype=np.float16, seed=0):
@@ -37,7 +38,7 @@ def _need(backend):
 def test_rows_and_labels_match_the_shards(tmp_path, backend):
     _need(backend)
     lat = make_latent_dir(tmp_path)
-    loader = make_latent_loader(tmp_path, 4, seed=3, backend=backend)
+    loader = LatentLoader(tmp_path, 4, seed=3, backend=backend)
     assert loader.backend == backend and loader.sample_shape == (4, 4, 4)
     for _ in range(loader.batches_per_epoch + 2):  # across an epoch boundary
         meanstd, y, _, _ = loader.next_raw()
@@ -46,7 +47,7 @@ def test_rows_and_labels_match_the_shards(tmp_path, backend):
 
 def test_sample_is_mean_plus_std_noise_scaled(tmp_path):
     make_latent_dir(tmp_path, dtype=np.float32)
-    loader = make_latent_loader(tmp_path, 6, seed=0, backend="torch")
+    loader = LatentLoader(tmp_path, 6, seed=0, backend="torch")
     state = loader.state_dict()
     x0, y = loader.next()
     loader.load_state_dict(state)
@@ -60,8 +61,8 @@ def test_sample_is_mean_plus_std_noise_scaled(tmp_path):
 def test_dali_and_torch_loaders_give_identical_batches(tmp_path):
     pytest.importorskip("nvidia.dali")
     make_latent_dir(tmp_path, n=37, shard_size=5)
-    a = make_latent_loader(tmp_path, 4, seed=11, rank=1, world_size=2, backend="torch", flip=True)
-    b = make_latent_loader(tmp_path, 4, seed=11, rank=1, world_size=2, backend="dali", flip=True)
+    a = LatentLoader(tmp_path, 4, seed=11, rank=1, world_size=2, backend="torch", flip=True)
+    b = LatentLoader(tmp_path, 4, seed=11, rank=1, world_size=2, backend="dali", flip=True)
     assert a.batches_per_epoch == 4
     for _ in range(10):  # 2.5 epochs
         (xa, ya), (xb, yb) = a.next(), b.next()
@@ -71,7 +72,7 @@ def test_dali_and_torch_loaders_give_identical_batches(tmp_path):
     assert state == b.state_dict() == {"epoch": 2, "index": 2}
     ref = [a.next() for _ in range(3)]
     for backend in ("torch", "dali"):
-        c = make_latent_loader(tmp_path, 4, seed=11, rank=1, world_size=2, backend=backend, flip=True)
+        c = LatentLoader(tmp_path, 4, seed=11, rank=1, world_size=2, backend=backend, flip=True)
         c.load_state_dict(state)
         for x, y in ref:
             xc, yc = c.next()
@@ -85,7 +86,7 @@ def test_rank_sharding_covers_every_sample_once_per_epoch(tmp_path, backend):
     for epoch in range(2):
         seen = []
         for rank in range(3):
-            loader = make_latent_loader(tmp_path, 4, seed=5, rank=rank, world_size=3, backend=backend)
+            loader = LatentLoader(tmp_path, 4, seed=5, rank=rank, world_size=3, backend=backend)
             loader.load_state_dict({"epoch": epoch, "index": 0})
             seen += [int(v) for _ in range(loader.batches_per_epoch) for v in loader.next()[1]]
         assert sorted(seen) == list(range(36))
@@ -106,7 +107,7 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
     path = tmp_path / "shard-00001.npy"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(LatentDataError, match=r"shard-00001\.npy is .* bytes, expected .* \(truncated\)"):
-        make_latent_loader(tmp_path, 4, seed=0, backend="torch")
+        LatentLoader(tmp_path, 4, seed=0, backend="torch")
 
 
 def test_shape_and_checksum_mismatch_are_clear_errors(tmp_path):
@@ -129,3 +130,23 @@ def test_shape_and_checksum_mismatch_are_clear_errors(tmp_path):
         LatentShards.open(tmp_path)
     with pytest.raises(LatentDataError, match="no manifest.json"):
         LatentShards.open(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_one_rank_with_two_micro_batches_reads_what_two_ranks_read(tmp_path, flip):
+    """A global batch (rows, posterior noise, flips) is the same on any world size: one rank reading b = 8 rows, cut
+    into two micro-batches of 4 as the trainer cuts it, equals ranks 0 and 1 of two reading 4 rows each, over 2.5
+    epochs and after a resume (data/loader.py)."""
+    make_latent_dir(tmp_path, n=37, shard_size=5, dtype=np.float32)
+    one = LatentLoader(tmp_path, 8, seed=11, backend="torch", flip=flip)
+    two = [LatentLoader(tmp_path, 4, seed=11, rank=r, world_size=2, backend="torch", flip=flip) for r in range(2)]
+    assert one.batches_per_epoch == two[0].batches_per_epoch == 4
+    for step in range(10):
+        if step == 6:  # resume all three mid-epoch from their own positions
+            for loader in (one, *two):
+                loader.load_state_dict(loader.state_dict())
+        x, y = one.next()
+        parts = [loader.next() for loader in two]
+        for micro, (xr, yr) in enumerate(parts):
+            rows = slice(4 * micro, 4 * (micro + 1))
+            assert torch.equal(x[rows], xr) and torch.equal(y[rows], yr), (step, micro)

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from soflow_fast.cli import main  # noqa: E402
-from soflow_fast.data.latents import LatentDataError, LatentShards, make_latent_loader  # noqa: E402
+from soflow_fast.data.latents import LatentDataError, LatentLoader, LatentShards  # noqa: E402
 from soflow_fast.data.prepare import PrepareError, prepare_latents, verify  # noqa: E402
 
 SIZE = 16  # pixels; latents are 8 x 2 x 2
@@ -85,13 +85,13 @@ def test_prepare_end_to_end_and_loader(images, vae_dir, tmp_path):
     shards = LatentShards.open(out)
     assert shards.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 5
     # the stored mean/std are the VAE posterior of the [-1, 1] crop
-    from soflow_fast.data.prepare import encode, load_vae
+    from soflow_fast.vae import encode, load_vae
 
     lat0 = np.load(out / "shard-00000.npy")
     first = Image.open(images / "class0" / "img0.jpg").convert("RGB")
     ref = encode(load_vae(vae_dir, torch.device("cpu")), torch.from_numpy(adm_center_crop(first, SIZE))[None])
     assert np.abs(lat0[0] - ref[0].numpy()).max() < 0.05 and (lat0[:, 4:] > 0).all()
-    loader = make_latent_loader(out, 4, seed=0, backend="dali")
+    loader = LatentLoader(out, 4, seed=0, backend="dali")
     x, y = loader.next()
     assert x.shape == (4, 4, 2, 2) and x.dtype == torch.float32 and y.dtype == torch.int64
 
@@ -151,7 +151,7 @@ def test_truncated_prepared_shard_fails_resume_and_loader(images, vae_dir, tmp_p
     path = out / "shard-00001.npy"
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(LatentDataError, match=r"shard-00001\.npy is .* \(truncated\)"):
-        make_latent_loader(out, 2, seed=0, backend="torch")
+        LatentLoader(out, 2, seed=0, backend="torch")
     with pytest.raises(LatentDataError, match="truncated"):
         prepare_latents(images, out, vae_dir, image_size=SIZE, shard_size=8)
 

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from soflow_fast import optim
 from soflow_fast.config import TrainConfig
-from soflow_fast.train import NonFiniteError, Trainer
+from soflow_fast.metrics import NonFiniteError
+from soflow_fast.train import Trainer
 
 SMALL = dict(model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
              batch_size=16, micro_batch_size=8, total_steps=10, cfg_scale=2.0, cfg_drop_rate=0.2, mix_ratio=0.5,
@@ -96,7 +97,7 @@ def poisoned(batch):
 def state(tr: Trainer) -> list[torch.Tensor]:
     """Weights, EMA and every tensor of the optimizer state."""
     opt = [v for s in tr.optimizer.state_dict()["state"].values() for v in s.values() if torch.is_tensor(v)]
-    return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema] + [v.clone() for v in opt]
+    return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema.tensors] + [v.clone() for v in opt]
 
 
 def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

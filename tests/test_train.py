@@ -8,7 +8,8 @@ import torch
 
 from soflow_fast.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 from soflow_fast.config import ConfigError, TrainConfig
-from soflow_fast.train import NonFiniteError, Trainer
+from soflow_fast.metrics import NonFiniteError
+from soflow_fast.train import Trainer
 
 SMALL = dict(model_type="DiT-S/2", hidden_size=32, depth=1, num_heads=2, dataset_type="digits", data_size=8,
              batch_size=32, total_steps=6, cfg_scale=2.0, cfg_drop_rate=0.2, mix_ratio=0.5, cfg_decay_time=0.8,
@@ -22,7 +23,7 @@ def make(tmp_path, name="run", **kw):
 
 
 def flat_state(tr):
-    return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema]
+    return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema.tensors]
 
 
 def test_resume_continues_bit_for_bit(tmp_path):
@@ -112,11 +113,13 @@ def test_checkpoints_are_atomic_pruned_and_validated(tmp_path):
 
 
 def test_ema_warmup_decay():
-    from soflow_fast.train import ema_decay
+    from soflow_fast.ema import ema_decay
 
     cfg = TrainConfig.from_dict({**SMALL, "ema_warmup": True, "ema_decay_rate": 0.999})
-    assert ema_decay(cfg, 0) == pytest.approx(0.1) and ema_decay(cfg, 10**6) == 0.999
-    assert ema_decay(TrainConfig.from_dict({**SMALL, "ema_decay_rate": 0.999}), 0) == 0.999
+    assert ema_decay(cfg.ema_decay_rate, cfg.ema_warmup, 0) == pytest.approx(0.1)
+    assert ema_decay(cfg.ema_decay_rate, cfg.ema_warmup, 10**6) == 0.999
+    plain = TrainConfig.from_dict({**SMALL, "ema_decay_rate": 0.999})
+    assert ema_decay(plain.ema_decay_rate, plain.ema_warmup, 0) == 0.999
 
 
 def test_cli_train_resume_and_sample(tmp_path):

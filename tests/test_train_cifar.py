@@ -35,23 +35,23 @@ def config(cifar, **kw):
 def test_reference_keys_select_radam_unet_augmentation(cifar):
     tr = Trainer(config(cifar), None)
     assert type(tr.optimizer).__name__ == "RAdam" and type(tr.net).__name__ == "SongUNet"
-    assert tr.augment is not None and tr.net.null_label is None and tr.ema_every == 2
+    assert tr.augment is not None and tr.net.null_label is None and tr.ema.every == 2
     assert load_config(__import__("pathlib").Path(__file__).parent.parent / "configs" / "cifar10.yaml"
                        ).resolved_ema_every == 16
 
 
 def test_every_n_ema_in_float64(cifar, tmp_path):
     tr = Trainer(config(cifar), tmp_path / "r")
-    init = [e.clone() for e in tr.ema]
+    init = [e.clone() for e in tr.ema.tensors]
     x, _ = tr.loader.next()
     tr.train_step(x, None)  # finished step 0: an EMA step (0 % 2 == 0)
-    after1 = [e.clone() for e in tr.ema]
+    after1 = [e.clone() for e in tr.ema.tensors]
     assert any(not torch.equal(a, b) for a, b in zip(init, after1))
     d = 0.9999 ** 2
     for e0, e1, p in zip(init, after1, tr.params):
         torch.testing.assert_close(e1, (d * e0.double() + (1 - d) * p.detach().double()).float(), rtol=0, atol=0)
     tr.train_step(tr.loader.next()[0], None)  # finished step 1: no EMA step
-    assert all(torch.equal(a, b) for a, b in zip(after1, tr.ema))
+    assert all(torch.equal(a, b) for a, b in zip(after1, tr.ema.tensors))
 
 
 def test_augment_labels_reach_the_network(cifar, tmp_path):
@@ -74,7 +74,7 @@ def test_loss_falls_and_resume_is_exact(cifar, tmp_path):
     rest = Trainer(config(cifar, total_steps=40, ckpt_saving_steps=20, learning_rate=3e-3), tmp_path / "b")
     assert rest.step == 20
     rest.fit(progress=False)
-    for a, b in zip(straight.params + straight.ema, rest.params + rest.ema):
+    for a, b in zip(straight.params + straight.ema.tensors, rest.params + rest.ema.tensors):
         assert torch.equal(a.detach(), b.detach())
 
 

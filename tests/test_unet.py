@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import soflow_fast as sf
-from soflow_fast.models.reference import load_state_strict, read_checkpoint, strip_reference_prefix
+from soflow_fast.checkpoint import load_state_strict, read_checkpoint
+from soflow_fast.models.reference import strip_reference_prefix
 from soflow_fast.models.unet import UNetConfig, build_unet, positional_embedding
 from soflow_fast.step import SoFlowHParams, draw_noise, is_stochastic, soflow_loss
 

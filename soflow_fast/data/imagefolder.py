@@ -1,7 +1,6 @@
 """Pixel-space data for pixel-space training: CIFAR-10 (local pickle folder) or any ImageFolder at a chosen
-resolution (ADM center crop), with the LatentLoader's interface: next() -> (x [B, 3, S, S] float32 in [-1, 1],
-y [B] int64) on the device, state_dict() = {'epoch', 'index'}, the same order rule (latents.epoch_indices) and a
-random x-flip drawn from a generator seeded by (seed, rank, epoch, batch index), so resume is exact.
+resolution (ADM center crop): next() -> (x [b, 3, S, S] float32 in [-1, 1], y [b] int64, or None when unlabelled)
+on the device, with the order, resume and x-flip randomness every loader shares (data/loader.py).
 
 ImageFolder decoding runs in DALI (nvJPEG 'mixed' on a GPU, 'cpu' otherwise) or, as the fallback, in PIL inside a
 PyTorch DataLoader; the two decoders and resamplers differ by about a grey level, so only CIFAR batches are
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .latents import batch_seed, dali_available, epoch_indices
+from .latents import dali_available
+from .loader import BatchDraws, EpochLoader
 
 log = logging.getLogger("soflow_fast")
 
@@ -53,18 +53,19 @@ class _FolderBatches(torch.utils.data.Dataset):
                                           for i in idx]))
 
 
-class PixelLoader:
+class PixelLoader(EpochLoader):
+    """labelled=False: y is None (unconditional training on a labelled dataset)."""
+
     def __init__(self, source: str | os.PathLike, image_size: Optional[int], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", backend: str = "auto",
-                 flip: bool = False, num_workers: int = 0, kind: str = "auto", train: bool = True):
+                 flip: bool = False, num_workers: int = 0, kind: str = "auto", train: bool = True,
+                 labelled: bool = True):
         from .cifar import FOLDER
 
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.device, self.flip = torch.device(device), flip
         root = Path(source)
         if kind == "auto":
             kind = "cifar10" if (root / FOLDER).is_dir() or (root / "data_batch_1").is_file() else "imagefolder"
-        self.kind = kind
+        self.kind, self.flip = kind, flip
         if kind == "cifar10":
             from .cifar import load_cifar10
 
@@ -85,13 +86,11 @@ class PixelLoader:
             self.num_workers = num_workers
         else:
             raise ValueError(f"pixel data kind {kind!r}: expected 'auto', 'cifar10' or 'imagefolder'")
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{source}: {len(self.labels)} images over {world_size} rank(s) give no full batch of "
-                             f"{batch_size}")
-        self.epoch, self.index = 0, 0
-        self._it: Optional[Iterator[Tensor]] = None
+        super().__init__(len(self.labels), batch_size, seed, rank, world_size, device, str(source))
+        if not labelled:
+            self.labels = None
         log.info("pixel loader: %s %s via %s on %s, %d images at %dx%d, %d batches of %d per epoch%s", kind, source,
-                 self.backend, self.device, len(self.labels), self.size, self.size, self.batches_per_epoch,
+                 self.backend, self.device, self.count, self.size, self.size, self.batches_per_epoch,
                  batch_size, ", x-flip" if flip else "")
 
     @property
@@ -102,11 +101,8 @@ class PixelLoader:
     def sample_shape(self) -> tuple[int, int, int]:
         return 3, self.size, self.size
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return (len(self.labels) // self.world_size) // self.batch_size
-
-    def _iterate(self, batches: list[np.ndarray]) -> Iterator[Tensor]:
+    def _read(self, batches: list[np.ndarray]) -> Iterator[Tensor]:
+        """uint8 [b, S, S, 3] per batch."""
         if self.kind == "cifar10":
             for idx in batches:
                 yield self.images[torch.from_numpy(idx)].to(self.device, non_blocking=True)
@@ -131,32 +127,6 @@ class PixelLoader:
                 dali.feed_images(pipe, data, sizes)
                 yield dali.run_to_torch(pipe, self.device)[0]
 
-    def next(self) -> tuple[Tensor, Tensor]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._order = epoch_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size,
-                                        self.batch_size)
-            self._it = self._iterate(list(self._order.reshape(-1, self.batch_size)[self.index:]))
-        images = next(self._it)  # uint8 [B, S, S, 3]
-        idx = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        y = self.labels[torch.from_numpy(idx)].to(self.device, non_blocking=True)
-        g = torch.Generator(self.device).manual_seed(batch_seed(self.seed, self.rank, self.epoch, self.index))
-        self.index += 1
+    def _finish(self, images: Tensor, draws: BatchDraws) -> Tensor:
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        if self.flip:
-            mask = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
-            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-        return x, y
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._it = int(state["epoch"]), int(state["index"]), None
-
-
-def make_pixel_loader(source: str | os.PathLike, image_size: Optional[int], batch_size_per_rank: int, seed: int,
-                      rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", backend: str = "auto",
-                      flip: bool = False, **kw) -> PixelLoader:
-    return PixelLoader(source, image_size, batch_size_per_rank, seed, rank, world_size, device, backend, flip, **kw)
+        return draws.flip(x) if self.flip else x

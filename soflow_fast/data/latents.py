@@ -6,13 +6,11 @@ A latent directory holds
     shard-00000.labels.npy        [n] int64
 written by `soflow-fast prepare-latents` / `convert-latents` (prepare.py).
 
-The loader's order is a pure function of (seed, epoch): one permutation of all samples per epoch, dealt to the
-ranks (rank r takes every world_size-th entry), cut into batches (drop_last). The latent noise of batch i of an
-epoch comes from a generator seeded by (seed, rank, epoch, i), so the position (epoch, index) is the whole state and
-a resumed run reads exactly the batches it would have read. Two backends produce the same (mean, std, label) rows:
-a DALI pipeline (readers.numpy, on the GPU with GPUDirect Storage where cuFile supports it) and a plain PyTorch
-DataLoader over memory-mapped shards; one shared function turns them into samples (docs/algorithm.md section 6):
-x0 = (mean + std * eps) * 0.18215.
+The loader reads in the order every loader shares (data/loader.py: per-rank batches of each global batch, the
+randomness drawn per global batch), so a run gives the same batches on any world size and resumes exactly. Two
+backends produce the same (mean, std, label) rows: a DALI pipeline (readers.numpy, on the GPU with GPUDirect Storage
+where cuFile supports it) and a plain PyTorch DataLoader over memory-mapped shards; vae.posterior_sample turns them
+into samples (docs/algorithm.md section 6): x0 = (mean + std * eps) * LATENT_SCALE.
 """
 from __future__ import annotations
 
@@ -22,19 +20,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..flow import derived_seed
+from ..vae import posterior_sample
+from .loader import BatchDraws, EpochLoader
 
 log = logging.getLogger("soflow_fast")
 
 FORMAT = "soflow_fast.latents/1"
 MANIFEST = "manifest.json"
-LATENT_SCALE = 0.18215  # SD-VAE scaling factor
 
 
 class LatentDataError(ValueError):
@@ -140,32 +138,6 @@ class LatentShards:
         return self.manifest["shards"][k]["file"]
 
 
-# -- the order, the noise and the sample: shared by both backends -------------------------------------------------
-def epoch_indices(count: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
-    """This rank's global sample indices for an epoch, [batches * batch_size], in reading order."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(count, generator=g).numpy()
-    per_rank = count // world_size
-    mine = perm[rank::world_size][:per_rank]
-    return mine[:(per_rank // batch_size) * batch_size]
-
-
-def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
-    return derived_seed(seed, rank, epoch, index)
-
-
-def latents_to_sample(meanstd: Tensor, generator: torch.Generator, flip: bool) -> Tensor:
-    """[B, 8, h, w] posterior (mean, std) -> a fresh SD-VAE sample times 0.18215; optional random x-flip."""
-    meanstd = meanstd.float()
-    mean, std = meanstd.chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-    x0 = (mean + std * eps) * LATENT_SCALE
-    if flip:
-        mask = torch.rand(x0.shape[0], generator=generator, device=x0.device) < 0.5
-        x0 = torch.where(mask[:, None, None, None], x0.flip(-1), x0)
-    return x0
-
-
 # -- backends: each yields (meanstd [B, 8, h, w] on device, any float dtype) for a list of index batches ----------
 class _ShardBatches(torch.utils.data.Dataset):
     """Indexed by a whole batch of global indices; reads rows from memory-mapped shards, in the given order."""
@@ -236,20 +208,15 @@ def dali_available() -> bool:
     return True
 
 
-class LatentLoader:
-    """next() -> (x0 [B, 4, h, w] float32, y [B] int64) on the device; state_dict() = {'epoch', 'index'}."""
+class LatentLoader(EpochLoader):
+    """next() -> (x0 [b, 4, h, w] float32, y [b] int64) on the device; state_dict() = {'epoch', 'index'}."""
 
     def __init__(self, path: str | os.PathLike, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", backend: str = "auto", flip: bool = False,
                  num_workers: int = 0, checksums: bool = False):
         self.shards = LatentShards.open(path, checksums=checksums)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.device, self.flip = torch.device(device), flip
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{path}: {self.shards.count} samples over {world_size} rank(s) give no full batch of "
-                             f"{batch_size}")
+        self.labels, self.flip = torch.from_numpy(self.shards.labels), flip
+        super().__init__(self.shards.count, batch_size, seed, rank, world_size, device, str(path))
         if backend == "auto":
             backend = "dali" if dali_available() else "torch"
         if backend == "dali":
@@ -262,10 +229,6 @@ class LatentLoader:
         else:
             raise ValueError(f"latent loader backend {backend!r}: expected 'auto', 'dali' or 'torch'")
         self.backend = backend
-        self.labels = torch.from_numpy(self.shards.labels)
-        self.epoch, self.index = 0, 0
-        self._it: Optional[Iterator[Tensor]] = None
-        self._order = np.zeros(0, np.int64)
         log.info("latent loader: %s backend on %s, %d samples %s, %d batches of %d per epoch on rank %d/%d%s",
                  self.description, self.device, self.shards.count, list(self.shards.sample_shape),
                  self.batches_per_epoch, batch_size, rank, world_size, ", x-flip" if flip else "")
@@ -286,41 +249,9 @@ class LatentLoader:
         c, h, w = self.shards.sample_shape
         return c // 2, h, w
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return (self.shards.count // self.world_size) // self.batch_size
+    def _read(self, batches: list[np.ndarray]) -> Iterator[Tensor]:
+        return self._backend.iterate(batches)
 
-    def _start(self) -> None:
-        self._order = epoch_indices(self.shards.count, self.seed, self.epoch, self.rank, self.world_size,
-                                    self.batch_size)
-        self._it = self._backend.iterate(list(self._order.reshape(-1, self.batch_size)[self.index:]))
-
-    def next_raw(self) -> tuple[Tensor, Tensor, int, int]:
-        """(meanstd, y, epoch, index) of the next batch, before noise: what both backends must agree on."""
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._start()
-        meanstd = next(self._it)
-        idx = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        y = self.labels[torch.from_numpy(idx)].to(self.device, non_blocking=True)
-        epoch, index = self.epoch, self.index
-        self.index += 1
-        return meanstd, y, epoch, index
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        meanstd, y, epoch, index = self.next_raw()
-        g = torch.Generator(self.device).manual_seed(batch_seed(self.seed, self.rank, epoch, index))
-        return latents_to_sample(meanstd, g, self.flip), y
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._it = int(state["epoch"]), int(state["index"]), None
-
-
-def make_latent_loader(path: str | os.PathLike, batch_size_per_rank: int, seed: int, rank: int = 0,
-                       world_size: int = 1, device: torch.device | str = "cpu", backend: str = "auto",
-                       flip: bool = False, **kw) -> LatentLoader:
-    return LatentLoader(path, batch_size_per_rank, seed, rank, world_size, device, backend, flip, **kw)
+    def _finish(self, meanstd: Tensor, draws: BatchDraws) -> Tensor:
+        x0 = posterior_sample(meanstd, draws.randn(*self.sample_shape))
+        return draws.flip(x0) if self.flip else x0

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_open
+from ..vae import LATENT_SCALE, VAEError, encode, load_vae
 from .latents import FORMAT, MANIFEST, LatentDataError, check_npy, sha256_file, shard_names
 
 log = logging.getLogger("soflow_fast")
@@ -123,31 +124,6 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def load_vae(vae_dir: str | os.PathLike, device: torch.device):
-    """A diffusers AutoencoderKL from a local directory (config.json + weights); nothing is downloaded."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        raise PrepareError("prepare-latents needs diffusers (pip install diffusers)") from e
-    path = Path(vae_dir)
-    if not (path / "config.json").is_file():
-        raise PrepareError(f"VAE directory {path} does not load: no config.json (expected a diffusers AutoencoderKL "
-                           "folder, e.g. a local copy of stabilityai/sd-vae-ft-mse)")
-    try:
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 -- diffusers raises many kinds; the user needs the folder named
-        raise PrepareError(f"VAE directory {path} does not load as a diffusers AutoencoderKL: {e}") from e
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> [B, 8, H/8, W/8] float32: the posterior mean (0-3) and std (4-7) of x in [-1, 1]."""
-    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    dist = vae.encode(x).latent_dist
-    return torch.cat([dist.mean, dist.std], dim=1).float()
-
-
 # -- ImageFolder -> latents --------------------------------------------------------------------------------------------
 class _Decoder:
     """DALI decode + ADM crop of a list of files; names the files it cannot read."""
@@ -229,7 +205,10 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae_dir: str
     device = torch.device(device)
     src, out = Path(src), Path(out)
     classes, items = scan_image_folder(src)
-    vae = load_vae(vae_dir, device)
+    try:
+        vae = load_vae(vae_dir, device)
+    except VAEError as e:
+        raise PrepareError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     listing = hashlib.sha256("\n".join(f"{f}\t{y}" for f, y in items).encode()).hexdigest()
     options = {"source": str(src.resolve()), "vae": str(Path(vae_dir).resolve()), "image_size": image_size,
@@ -268,7 +247,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae_dir: str
     _barrier(world_size)
     if rank != 0:
         return None
-    info = {"image_size": image_size, "latent_scale": 0.18215, "classes": classes, "num_classes": len(classes),
+    info = {"image_size": image_size, "latent_scale": LATENT_SCALE, "classes": classes, "num_classes": len(classes),
             "shard_size": shard_size, "source": str(src.resolve()), "vae": str(Path(vae_dir).resolve())}
     manifest = write_manifest(out, num_shards, sample_shape, np_dtype, info)
     log.info("wrote %s: %d latents in %d shards%s", out / MANIFEST, manifest["count"], num_shards,
@@ -316,7 +295,7 @@ def convert_hdf5(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
     classes = num_classes if num_classes is not None else max_label + 1
     if max_label >= classes:
         raise PrepareError(f"{src}: label {max_label} is outside 0..{classes - 1} (--num-classes)")
-    info = {"image_size": sample_shape[-1] * 8, "latent_scale": 0.18215, "classes": None, "num_classes": classes,
+    info = {"image_size": sample_shape[-1] * 8, "latent_scale": LATENT_SCALE, "classes": None, "num_classes": classes,
             "shard_size": shard_size, "source": str(src.resolve()), "vae": None}
     manifest = write_manifest(out, num_shards, sample_shape, np_dtype, info)
     log.info("converted %s: %d latents in %d shards -> %s", src, n, num_shards, out)
@@ -331,4 +310,4 @@ def verify(out: str | os.PathLike) -> dict:
 
 
 __all__ = ["PrepareError", "LatentDataError", "scan_image_folder", "prepare_latents", "convert_hdf5", "verify",
-           "load_vae", "encode", "write_shard", "sha256_file"]
+           "write_shard", "sha256_file"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from ..data.digits import NUM_CLASSES, load_digits_split
 from ..fileio import atomic_open
-from ..flow import Flow, euler_sample, sample
+from ..flow import Flow
+from ..sampling import sample_images
 from .digits_judge import DigitsJudge, format_report, quality_report
 
 log = logging.getLogger("soflow_fast")
@@ -18,36 +20,30 @@ PER_CLASS = 100
 EULER_STEPS = 50
 
 
-@torch.no_grad()
 def generate(net: torch.nn.Module, flow: Flow, method: str, per_class: int, seed: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """per_class samples of every class with one method: '1-NFE', '2-NFE' or 'euler-50'."""
     g = torch.Generator(device).manual_seed(seed)
     y = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    x1 = torch.randn((y.shape[0], 1, 8, 8), generator=g, device=device)
-    if method.endswith("-NFE"):
-        x = sample(net, flow, x1, nfe=int(method.split("-")[0]), y=y, generator=g)
-    else:
-        x = euler_sample(net, flow, x1, EULER_STEPS, y)
+    nfe = int(method.split("-")[0]) if method.endswith("-NFE") else 1
+    x, _ = sample_images(net, flow, y.shape[0], nfe=nfe, generator=g, labels=y,
+                         euler_steps=0 if method.endswith("-NFE") else EULER_STEPS)
     return x.float().cpu(), y.cpu()
 
 
-def run_quality_report(trainer, per_class: int = PER_CLASS) -> dict:
-    """Judge the trainer's EMA model; print the table and write quality.json in the run directory.
-    Collective (the EMA weights are gathered on every rank); rank 0 judges and writes."""
-    ema = trainer.ema_module()
-    if not trainer.dist.is_main:
-        return {}
+def run_quality_report(ema: torch.nn.Module, flow: Flow, run_dir: str | os.PathLike, *, seed: int, step: int,
+                       ema_info: dict, per_class: int = PER_CLASS) -> dict:
+    """Judge the EMA model `ema` of a digits run at `step`; print the table and write run_dir/quality.json.
+    Samples come from seed + 1; ema_info (decay rate, warm-up) is recorded with the report."""
     train_x, train_y, test_x, test_y = load_digits_split()
     judge = DigitsJudge.train_on(train_x, train_y, seed=0)
     methods = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
-    samples = {m: generate(ema, trainer.flow, m, per_class, trainer.cfg.seed + 1, trainer.device)
-               for m in methods}
+    device = next(ema.parameters()).device
+    samples = {m: generate(ema, flow, m, per_class, seed + 1, device) for m in methods}
     report = quality_report(judge, train_x, test_x, test_y, samples)
-    report.update(weights="ema", ema_decay_rate=trainer.cfg.ema_decay_rate, ema_warmup=trainer.cfg.ema_warmup,
-                  step=trainer.step, samples_per_method=per_class * NUM_CLASSES)
-    path = Path(trainer.run_dir) / "quality.json"
+    report.update(weights="ema", **ema_info, step=step, samples_per_method=per_class * NUM_CLASSES)
+    path = Path(run_dir) / "quality.json"
     with atomic_open(path, "w") as fh:
         json.dump(report, fh, indent=2)
-    print("quality of the EMA weights at step %d (%s):\n%s" % (trainer.step, path, format_report(report)))
+    print("quality of the EMA weights at step %d (%s):\n%s" % (step, path, format_report(report)))
     return report

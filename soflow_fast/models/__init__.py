@@ -27,11 +27,8 @@ def build_model(size: str, *, input_size: int, in_channels: int, num_classes: in
             raise ValueError(f"model_type {size}: the U-Net is unconditional; num_classes must be 0, got {num_classes}")
         return build_unet(size, kernels=kernels, device=device, img_resolution=input_size, in_channels=in_channels,
                           out_channels=in_channels, **overrides)
-    impl = resolve_kernels(kernels, device)
-    fields = dict(zip(("patch_size", "hidden_size", "depth", "num_heads"), DIT_SIZES[canonical_size(size)]))
-    fields.update(overrides)
-    cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, null_class=null_class,
-                    kernels=impl, **fields)
+    cfg = DiTConfig.from_size(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                              null_class=null_class, kernels=resolve_kernels(kernels, device), **overrides)
     return DiT(cfg, attention, torch.device(device).type).to(device)
 
 

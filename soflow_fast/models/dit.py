@@ -60,9 +60,10 @@ class DiTConfig:
     kernels: str = "eager"       # resolved per op: 'eager', 'triton' or 'op=impl,...' (kernel_ops.resolve_kernels)
 
     @classmethod
-    def from_size(cls, size: str, **kw) -> "DiTConfig":
-        patch, hidden, depth, heads = DIT_SIZES[canonical_size(size)]
-        return cls(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kw)
+    def from_size(cls, size: str, **fields) -> "DiTConfig":
+        """A named size ('DiT-XL/2', 'DiT-B-4', ...); `fields` set the rest and override the table's entries."""
+        table = dict(zip(("patch_size", "hidden_size", "depth", "num_heads"), DIT_SIZES[canonical_size(size)]))
+        return cls(**{**table, **fields})
 
     def forward_macs(self) -> int:
         """Multiply-accumulates of one forward pass of one sample (docs/algorithm.md section 8's accounting)."""

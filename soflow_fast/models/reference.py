@@ -9,25 +9,12 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 from torch import Tensor
 
+from ..checkpoint import load_state_strict, read_checkpoint
 from .dit import DIT_SIZES, DiT, DiTConfig
 
 PREFIX = "network."
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) with errors that name the file."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except Exception as e:  # truncated zip, pickle of foreign objects, ...
-        raise ValueError(f"checkpoint {path}: cannot be read as a weights-only torch checkpoint ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
-    return obj
 
 
 def strip_reference_prefix(state: dict[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
@@ -35,21 +22,6 @@ def strip_reference_prefix(state: dict[str, Tensor], source: str = "state dict")
     if bad:
         raise KeyError(f"{source}: key {bad[0]!r} lacks the reference prefix {PREFIX!r}")
     return {k[len(PREFIX):]: v for k, v in state.items()}
-
-
-def load_state_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
-    """load_state_dict that names the first missing key, unknown key or shape mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unknown = sorted(set(state) - set(own))
-    if missing:
-        raise KeyError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
-    if unknown:
-        raise KeyError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: key {k!r} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
-    model.load_state_dict(state)
 
 
 def infer_dit_config(state: dict[str, Tensor], num_classes: int, num_heads: Optional[int] = None) -> DiTConfig:

@@ -3,7 +3,7 @@
 The reference configures EDM's SongUNet for 32x32 RGB, unconditional, with 6-D augment labels; this module rebuilds
 that configuration (and only it: positional embedding, 'standard' encoder and decoder, DDPM++ blocks without
 adaptive scale). Module, parameter and buffer names are the reference's, so a reference CIFAR checkpoint
-("network.<key>") loads after stripping its prefix (models.reference.load_state_strict).
+("network.<key>") loads after stripping its prefix (checkpoint.load_state_strict).
 
 Conditioning: emb = [PE(t), PE(t - s)] (each 256 channels, sin first) + A(augment labels), then
 Linear-SiLU-Linear-SiLU; every block adds Linear(emb) to its activations as a per-channel bias. The output is the

@@ -1,0 +1,184 @@
+"""What a run reports: step statistics summed on the device, metrics.jsonl, throughput, MFU, memory, a progress bar.
+
+A step never reads a device value (README "Training"): it adds its statistics to sums kept on the device
+(`DeviceStats`), and the host reads them only at logging steps, where `MetricsLogger.log` writes one record of their
+means per window to run_dir/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .parallel import DistInfo, all_reduce_mean
+
+log = logging.getLogger("soflow_fast")
+
+# Dense bf16 peak TFLOP/s per device, for MFU (fp32 runs use TF32, half of it). Match on the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
+                    "A10": 125.0, "L4": 121.0}
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient (and on_nonfinite is 'stop')."""
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> Optional[float]:
+    """Per-device peak FLOP/s for MFU: the config's peak_tflops, else the table; None when unknown (e.g. CPU)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12 / (1 if bf16 else 2)
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: process peak RSS
+
+
+class DeviceStats:
+    """Step statistics summed on the device between host reads, so that a step never waits for the device.
+
+    A step adds its statistics unless its flag `found_inf` is set; such a step is counted instead, and the first one's
+    step number, (rank-averaged) loss and gradient norm kept for the message. Sums are fp64: the values are fp32.
+    """
+
+    def __init__(self, device: torch.device):
+        self.keys: list[str] = []
+        self.sums: Optional[Tensor] = None  # [len(keys)]: sums over the finite steps since the last take_window
+        self.finite = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad = torch.zeros(4, dtype=torch.float64, device=device)  # count, then the first's step, loss, |g|
+
+    def add(self, keys: list[str], values: Tensor, found_inf: Tensor, check: Tensor, step: int) -> None:
+        """values [len(keys)]: one step's statistics; check: [loss, grad norm] as tested for finiteness; step: the
+        step's number."""
+        values = values.double()
+        if self.sums is None:
+            self.keys, self.sums = keys, torch.zeros_like(values)
+        skip = found_inf.bool()
+        self.sums += torch.where(skip, 0.0, values)
+        self.finite += 1 - found_inf
+        first = skip & (self.bad[0] == 0)
+        self.bad[1] = torch.where(first, float(step), self.bad[1])
+        self.bad[2:] = torch.where(first, check.double(), self.bad[2:])
+        self.bad[0] += found_inf
+
+    def take_window(self) -> tuple[dict[str, float], int]:
+        """(mean of each statistic over the finite steps, averaged over ranks; their number) since the last call.
+        A host read, and a collective under torchrun."""
+        if self.sums is None:
+            return {}, 0
+        *sums, n = torch.cat([all_reduce_mean(self.sums), self.finite[None]]).tolist()
+        self.sums.zero_()
+        self.finite.zero_()
+        return ({k: v / n for k, v in zip(self.keys, sums)} if n else {}), int(n)
+
+    def take_nonfinite(self) -> tuple[int, int, float, float]:
+        """(count, first step, its loss, its gradient norm) of the non-finite steps since the last call (a host read;
+        the same on every rank: the flag is decided on all-reduced values)."""
+        count, step, loss, grad_norm = self.bad.tolist()
+        self.bad.zero_()
+        return int(count), int(step), loss, grad_norm
+
+
+class MetricsLogger:
+    """metrics.jsonl of a run (written by rank 0): one record per logging window, and any other record (FID)."""
+
+    def __init__(self, run_dir: Path, dist: DistInfo, global_batch: int, flops_per_step: Optional[float],
+                 peak: Optional[float]):
+        self.path, self.dist, self.global_batch = Path(run_dir) / "metrics.jsonl", dist, global_batch
+        self.flops_per_step, self.peak = flops_per_step, peak
+        self.stats = DeviceStats(dist.device)
+        self.skipped = 0  # non-finite steps so far, as of the last host read (take_nonfinite)
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def take_nonfinite(self, step: int, stop: bool) -> None:
+        """Add the non-finite steps since the last read (a host sync) to `skipped`; with `stop`, raise NonFiniteError
+        for the first. Their updates were skipped on the device, so they never touched the weights, the optimizer
+        state or the EMA; finite steps after them, up to this read, did update them."""
+        count, first, loss, grad_norm = self.stats.take_nonfinite()
+        if not count:
+            return
+        self.skipped += count
+        what = f"step {first}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+        if stop:
+            raise NonFiniteError(f"{what} ({loss}); the weights were not updated by it (skipped on the device; found "
+                                 f"at step {step}, {count} non-finite step(s) since the last check). "
+                                 "Lower learning_rate, set grad_clip, or set on_nonfinite: skip")
+        log.warning("%s: step skipped (%d non-finite step(s) skipped up to step %d)", what, count, step)
+
+    def log(self, step: int, elapsed: float, lr: float) -> Optional[dict]:
+        """Read the statistics summed since the last log (collective) and append their means, throughput, MFU,
+        skipped steps, the learning rate and every rank's peak memory to metrics.jsonl; returns the record on the
+        main rank. Call take_nonfinite first."""
+        means, n = self.stats.take_window()
+        device = self.dist.device
+        # every rank's peak, gathered by a sum over one-hot slots (works on gloo and NCCL alike)
+        mem = torch.zeros(self.dist.world_size, device=device if device.type == "cuda" else "cpu")
+        mem[self.dist.rank] = peak_memory_gb(device)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(mem)
+        per_rank = [round(m, 3) for m in mem.tolist()]
+        peak_mem = max(per_rank)
+        if not self.dist.is_main:
+            return None
+        per_s = n / max(elapsed, 1e-9)
+        tflops = self.flops_per_step * per_s / 1e12 if self.flops_per_step else None
+        world = self.dist.world_size
+        rec = {"step": step, **means, "images_per_s": per_s * self.global_batch,
+               "images_per_s_per_device": per_s * self.global_batch / world,
+               "model_tflops": tflops, "mfu": tflops * 1e12 / world / self.peak if self.peak and tflops else None,
+               "skipped": self.skipped, "lr": lr, "peak_mem_gb": peak_mem, "peak_mem_gb_per_rank": per_rank}
+        self.write(rec)
+        nan = float("nan")
+        log.info("step %d  loss %.4f  fm %.4f (mse %.4f w %.3f)  cons %.4f (mse %.4f w %.3f)  |g| %.3f  %.1f img/s"
+                 "  %.3f TFLOP/s%s  mem %.2f GB", step, rec.get("loss", nan), rec.get("loss_fm", nan),
+                 rec.get("mse_fm", nan), rec.get("weight_fm", nan), rec.get("loss_c", nan), rec.get("mse_c", nan),
+                 rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops or nan,
+                 f" (MFU {rec['mfu']:.1%})" if rec["mfu"] else "", peak_mem)
+        return rec
+
+
+def progress_bar(start: int, end: int, enabled: bool) -> Callable[[Optional[int], Optional[float]], None]:
+    """A one-line console progress bar (redrawn in place on a terminal, every 10% otherwise); update(None, None)
+    ends it."""
+    tty = sys.stderr.isatty()
+    t0, first = time.perf_counter(), start
+
+    def update(step: Optional[int], loss: Optional[float]) -> None:
+        if not enabled:
+            return
+        if step is None:
+            if tty:
+                sys.stderr.write("\n")
+            return
+        if not tty and step != end and step % max((end - first) // 10, 1):
+            return
+        frac = step / max(end, 1)
+        rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
+        eta = (end - step) / rate if rate > 0 else float("nan")
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        shown = f" loss {loss:.4f}" if loss is not None else ""
+        line = f"[{bar}] {step}/{end} {rate:.1f} it/s eta {eta:.0f}s{shown}"
+        sys.stderr.write("\r" + line if tty else line + "\n")
+        sys.stderr.flush()
+
+    return update
