@@ -1,113 +1,182 @@
-"""Training configuration: YAML (safe_load) validated once into a typed TrainConfig.
+"""Training configuration: YAML validated once into a typed TrainConfig.
 
 Keys carry the reference implementation's names and meanings (imagenet.yaml / cifar.yaml), so a reference config
-runs unchanged where this trainer supports its dataset; the keys below the reference block are ours. Unknown keys,
-wrong types and impossible values are errors that name the key.
+runs unchanged where this trainer supports its dataset (its loader keys num_workers and prefetch_factor excepted:
+see their docs); the keys below the reference block are ours. Each field declares its type (read with
+typing.get_type_hints; choices as Literal[...] built from the tuple the consuming module defines), its doc (shown by
+`soflow-fast train --help-config`) and its range. Unknown keys, wrong types, non-finite numbers and impossible values
+are errors that name the key: "config PATH: key = value: why".
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
 import os
+import re
+import textwrap
+import types
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .attention import ATTENTION_MODES
+from .errors import UserError
 from .flow import L_SCHEDULES, Flow
-from .models import is_model_type
 from .kernel_ops import KERNEL_MODES
-from .parallel import COMPILE_MODES
+from .models import is_model_type
+from .optim import KINDS as OPTIMIZERS
+from .parallel import COMPILE_MODES, DEVICES, PARALLEL_MODES
 from .precision import PRECISIONS
 from .step import SoFlowHParams
 
-DATASETS = ("digits", "Imagenet", "CIFAR10", "ImageFolder")
+DATASETS = ("digits", "Imagenet", "CIFAR10", "ImageFolder")  # train.py builds one loader per name
+
+DatasetType = Literal[DATASETS]
+KernelMode = Literal[KERNEL_MODES]
+PrecisionMode = Literal[PRECISIONS]
+OptimizerKind = Literal[("auto", *OPTIMIZERS)]
+OnNonfinite = Literal["stop", "skip"]
+Device = Literal[DEVICES]
+ParallelMode = Literal[PARALLEL_MODES]
+CompileMode = Literal[COMPILE_MODES]
+AttentionMode = Literal[ATTENTION_MODES]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is missing, unknown, of the wrong type or impossible; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A field's range: ok(value) holds, or the config is rejected with `why`."""
+
+    ok: Callable[[Any], bool]
+    why: str
+
+
+def at_least(lo: float) -> Check:
+    return Check(lambda v: v >= lo, f"must be >= {lo}")
+
+
+def above(lo: float, note: str = "") -> Check:
+    return Check(lambda v: v > lo, f"must be > {lo}{note}")
+
+
+def within(lo: float, hi: float, *, open_hi: bool = False) -> Check:
+    return Check(lambda v: lo <= v < hi if open_hi else lo <= v <= hi,
+                 f"must lie in [{lo}, {hi}{')' if open_hi else ']'}")
+
+
+def unused(default: Any) -> Check:
+    """A reference key this trainer does not use: only its default is accepted, so no setting is silently ignored."""
+    return Check(lambda v: v == default, "not used: the trainer's loaders run without worker processes; remove the key")
+
+
+def opt(default: Any, doc: str, *checks: Check) -> Any:
+    """A config field: its default, its doc (`soflow-fast train --help-config`) and its range checks, in order."""
+    meta = {"doc": doc, "checks": checks}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE, NON_NEGATIVE, UNIT, UNIT_OPEN = at_least(1), at_least(0), within(0, 1), within(0, 1, open_hi=True)
+THREE_TIMES = Check(lambda v: len(v) == 3, "expected three numbers [FM t, consistency s, consistency t]")
 
 
 @dataclass
 class TrainConfig:
     # --- the reference implementation's keys -----------------------------------------------------
-    working_dir: str = "./runs/soflow"
-    noising_type: str = "Linear"            # Linear | Trig (alias Triangular)
-    coefficient_type: str = "Euler"         # Euler | Trig (alias Triangular)
-    model_type: str = "DiT-B-4"             # a DiT size name: DiT-XL/2 or DiT-XL-2, ...
-    dataset_type: str = "digits"            # digits (embedded) | Imagenet (latent shards) | CIFAR10 | ImageFolder
-    data_size: int = 8                      # image / latent side length
-    dataset_path: str = ""
-    velocity_loss_ratio: float = 0.75       # fraction of each batch given to the FM loss
-    p: float = 1.0                          # adaptive-weight power
-    eps: float = 0.01                       # adaptive-weight epsilon
-    time_mean: list = field(default_factory=lambda: [-0.2, -1.0, 0.2])  # logit-normal [FM t, cons. s, cons. t]
-    time_std: list = field(default_factory=lambda: [1.0, 0.8, 0.8])
-    cfg_scale: float = 1.0                  # training guidance scale w (> 1 enables guided targets)
-    mix_ratio: float = 1.0                  # m: guided target mixed with the model's own prediction
-    cfg_drop_rate: float = 0.0              # fraction of rows training the unconditional model
-    cfg_decay_time: float = 1.0             # tau: guidance decays for t > tau
-    l_schedule: str = "Exponent"            # Const | Linear | Cosine | Exponent
-    l_init_ratio: float = 0.1
-    l_end_ratio: float = 0.002
-    total_steps: int = 400000
-    ema_decay_rate: float = 0.9999
-    learning_rate: float = 1e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 0.0
-    batch_size: int = 256                   # global batch
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    eval_steps: int = 0                     # periodic FID evaluation every N steps (0 = off; needs the eval_* paths)
-    eval_batch_size: int = 125
-    eval_NFE: int = 1
-    eval_demo_steps: int = 1000             # sample grid PNG every N steps (0 = off)
-    eval_demo_shape: list = field(default_factory=lambda: [4, 8])
-    logging_steps: int = 100
-    ckpt_saving_steps: int = 25000
-    seed: int = 42
+    working_dir: str = opt("./runs/soflow", "run directory: checkpoints, metrics.jsonl, samples (--run-dir wins)")
+    noising_type: str = opt("Linear", "noising path: Linear | Trig (alias Triangular), any case")
+    coefficient_type: str = opt("Euler", "solution-function coefficients: Euler | Trig (alias Triangular), any case")
+    model_type: str = opt("DiT-B-4", "network: a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T",
+                          Check(is_model_type, "expected a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T"))
+    dataset_type: DatasetType = opt("digits", "digits (embedded) | Imagenet (latent shards) | CIFAR10 | ImageFolder")
+    data_size: int = opt(8, "image (or latent) side length", POSITIVE)
+    dataset_path: str = opt("", "data folder (latent shards, CIFAR-10 python batches or an ImageFolder)")
+    velocity_loss_ratio: float = opt(0.75, "fraction of each batch given to the FM loss", UNIT)
+    p: float = opt(1.0, "adaptive-weight power", NON_NEGATIVE)
+    eps: float = opt(0.01, "adaptive-weight epsilon", above(0))
+    time_mean: list[float] = opt([-0.2, -1.0, 0.2], "logit-normal means of [FM t, consistency s, consistency t]",
+                                 THREE_TIMES)
+    time_std: list[float] = opt([1.0, 0.8, 0.8], "logit-normal standard deviations, same order as time_mean",
+                                THREE_TIMES, Check(lambda v: min(v) > 0, "standard deviations must be > 0"))
+    cfg_scale: float = opt(1.0, "training guidance scale w (> 1 enables guided targets)", at_least(1))
+    mix_ratio: float = opt(1.0, "m: the guided target mixed with the model's own prediction", UNIT)
+    cfg_drop_rate: float = opt(0.0, "fraction of rows training the unconditional model", UNIT_OPEN)
+    cfg_decay_time: float = opt(1.0, "tau: guidance decays for t > tau", above(0, " (>= 1 disables the decay)"))
+    l_schedule: str = opt("Exponent", "schedule of the consistency gap: Const | Linear | Cosine | Exponent, any case",
+                          Check(lambda v: v.lower() in L_SCHEDULES, "expected Const, Linear, Cosine or Exponent"))
+    l_init_ratio: float = opt(0.1, "the schedule's first gap ratio", UNIT)
+    l_end_ratio: float = opt(0.002, "the schedule's last gap ratio", UNIT)
+    total_steps: int = opt(400000, "optimizer steps of the whole run", POSITIVE)
+    ema_decay_rate: float = opt(0.9999, "EMA decay per step", UNIT_OPEN)
+    learning_rate: float = opt(1e-4, "optimizer learning rate", above(0))
+    betas: list[float] = opt([0.9, 0.99], "Adam betas", Check(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                                              "expected two numbers in [0, 1)"))
+    weight_decay: float = opt(0.0, "optimizer weight decay", NON_NEGATIVE)
+    batch_size: int = opt(256, "global batch (all ranks, all micro-batches)", POSITIVE)
+    num_workers: int = opt(0, "the reference's DataLoader workers; not used here (only 0 is accepted)", unused(0))
+    prefetch_factor: int = opt(2, "the reference's DataLoader prefetch; not used here (only 2 is accepted)", unused(2))
+    eval_steps: int = opt(0, "periodic FID every N steps (0 = off; needs eval_fid_reference and eval_inception)")
+    eval_batch_size: int = opt(125, "samples per network call in the periodic FID")
+    eval_NFE: int = opt(1, "network evaluations per sample in the periodic FID", POSITIVE)
+    eval_demo_steps: int = opt(1000, "sample grid PNG every N steps (0 = off)")
+    eval_demo_shape: list[int] = opt([4, 8], "sample grid [rows, columns]", Check(
+        lambda v: len(v) == 2 and min(v) >= 1, "expected [rows, columns], both >= 1"))
+    logging_steps: int = opt(100, "a metrics.jsonl record every N steps", POSITIVE)
+    ckpt_saving_steps: int = opt(25000, "a checkpoint every N steps", POSITIVE)
+    seed: int = opt(42, "seed of initialization, data order and noise")
     # --- ours ------------------------------------------------------------------------------------
-    eval_num_samples: int = 10000           # samples per periodic FID
-    eval_fid_reference: str = ""            # .npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`)
-    eval_inception: str = ""                # LOCAL Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth)
-    eval_vae: str = ""                      # LOCAL AutoencoderKL folder to decode latents for the FID
-    num_classes: Optional[int] = None       # default: from the dataset (digits 10, Imagenet 1000, CIFAR10 0)
-    hidden_size: Optional[int] = None       # overrides of the size table (small custom models)
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch_size: Optional[int] = None
-    kernels: str = "eager"                  # eager | triton | auto (= per op, what kernels/choices.py measured faster
-    #                                         on this device); eager by default: measured faster end to end on an
-    #                                         H100 (README, "Measured")
-    precision: str = "auto"                 # auto (= bf16-secant on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs)
-    #                                         | bf16 (all calls) | bf16-split | bf16-secant: soflow_fast/precision.py;
-    #                                         a bf16 mode on a CPU runs the exact bf16 emulator
-    optimizer: str = "auto"                 # auto (radam for CIFAR10, as the reference; else adamw) | adamw | radam
-    #                                         | fused_adamw_ema (csrc extension) | apex
-    ema_every: int = 0                      # EMA every N steps with decay^N in float64 (0 = auto: 16 for CIFAR10)
-    augment_p: Optional[float] = None       # EDM augmentation probability (None = auto: 0.12 for CIFAR10, else 0)
-    grad_clip: float = 0.0                  # max grad norm (0 = no clipping; the norm is logged either way)
-    ema_warmup: bool = False                # decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs
-    on_nonfinite: str = "stop"              # stop | skip: a non-finite loss or gradient's update is skipped on the
-    #                                         device; stop raises at the next logging step or checkpoint
-    keep_checkpoints: int = 3               # most recent checkpoints kept (0 = all)
-    quality_report: bool = True             # digits: the classifier-based report at the end
-    device: str = "auto"                    # auto | cpu | cuda
-    parallel: str = "none"                  # none | ddp | fsdp (FSDP2: bf16 params/compute, fp32 reduction)
-    micro_batch_size: int = 0               # rows per forward on a rank (0 = batch_size / world); the rest accumulates
-    activation_checkpointing: bool = False  # recompute each DiT block in the backward
-    compile: str = "auto"                   # auto (= model on CUDA, none elsewhere) | none | blocks (torch.compile
-    #                                         each DiT block) | model (the whole network; per block under FSDP)
-    reshard_after_forward: bool | str = "auto"  # FSDP2 blocks free their gathered weights after each forward:
-    #                                         auto (= false on one node, <= 8 ranks; true beyond) | true | false
-    peak_tflops: float = 0.0                # per-device peak for MFU (0 = from the table of known devices)
-    attention: str = "auto"                 # the DiT's attention, chosen once at build: auto (= the measured fastest
-    #                                         for this GPU, soflow_fast/attention_table.json; without a measurement
-    #                                         flash-attn when usable, else sdpa) | sdpa (PyTorch's dispatch) |
-    #                                         flash-attn | cudnn | flash | efficient | math (that SDPA backend forced)
-    cuda_graphs: bool = False               # UNTESTED ON A GPU: torch.compile(mode="reduce-overhead") of the network
-    #                                         (CUDA graph trees) with a capturable optimizer; needs compile model (or
-    #                                         auto) on CUDA. Default false until a GPU run shows it correct and faster
+    eval_num_samples: int = opt(10000, "samples per periodic FID", at_least(2))
+    eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`)")
+    eval_inception: str = opt("", "LOCAL Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth)")
+    eval_vae: str = opt("", "LOCAL AutoencoderKL folder to decode latents for the FID")
+    num_classes: Optional[int] = opt(None, "label classes (null = from the dataset: digits 10, Imagenet 1000, "
+                                           "CIFAR10 0)", NON_NEGATIVE)
+    hidden_size: Optional[int] = opt(None, "override of the size table's width (small custom models)")
+    depth: Optional[int] = opt(None, "override of the size table's number of blocks")
+    num_heads: Optional[int] = opt(None, "override of the size table's attention heads")
+    patch_size: Optional[int] = opt(None, "override of the size table's patch size")
+    kernels: KernelMode = opt("eager", "op implementations: eager | triton | auto (per op, what kernels/choices.py "
+                                       "measured faster on this device); eager by default (README, 'Measured')")
+    precision: PrecisionMode = opt("auto", "auto (bf16-secant on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs) | bf16 "
+                                           "| bf16-split | bf16-secant (soflow_fast/precision.py); a bf16 mode on a "
+                                           "CPU runs the exact bf16 emulator")
+    optimizer: OptimizerKind = opt("auto", "auto (radam for CIFAR10, as the reference; else adamw) | adamw | radam | "
+                                           "fused_adamw_ema (csrc extension) | apex")
+    ema_every: int = opt(0, "EMA every N steps with decay^N in float64 (0 = auto: 16 for CIFAR10, else 1)",
+                         NON_NEGATIVE)
+    augment_p: Optional[float] = opt(None, "EDM augmentation probability (null = auto: 0.12 for CIFAR10, else 0)",
+                                     UNIT)
+    grad_clip: float = opt(0.0, "max gradient norm (0 = no clipping; the norm is logged either way)", NON_NEGATIVE)
+    ema_warmup: bool = opt(False, "EMA decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs")
+    on_nonfinite: OnNonfinite = opt("stop", "a non-finite loss or gradient's update is skipped on the device; stop "
+                                            "raises at the next logging step or checkpoint, skip continues")
+    keep_checkpoints: int = opt(3, "most recent checkpoints kept (0 = all)")
+    quality_report: bool = opt(True, "digits: the classifier-based quality report at the end")
+    device: Device = opt("auto", "auto (CUDA when available) | cpu | cuda")
+    parallel: ParallelMode = opt("none", "none | ddp | fsdp (FSDP2: bf16 params/compute, fp32 reduction)")
+    micro_batch_size: int = opt(0, "rows per forward on a rank (0 = batch_size / world); the rest accumulates",
+                                NON_NEGATIVE)
+    activation_checkpointing: bool = opt(False, "recompute each DiT block in the backward")
+    compile: CompileMode = opt("auto", "auto (model on CUDA, none elsewhere) | none | blocks (each DiT block) | model "
+                                       "(the whole network; per block under FSDP)")
+    reshard_after_forward: Union[bool, Literal["auto"]] = opt(
+        "auto", "FSDP2 blocks free their gathered weights after each forward: auto (false on one node, <= 8 ranks; "
+                "true beyond) | true | false")
+    peak_tflops: float = opt(0.0, "per-device peak for MFU (0 = from the table of known devices)", NON_NEGATIVE)
+    attention: AttentionMode = opt("auto", "the DiT's attention, chosen once at build: auto (the measured fastest for "
+                                           "this GPU, soflow_fast/attention_table.json; without one flash-attn when "
+                                           "usable, else sdpa) | sdpa | flash-attn | cudnn | flash | efficient | math "
+                                           "(that SDPA backend forced)")
+    cuda_graphs: bool = opt(False, "UNTESTED ON A GPU: torch.compile(mode='reduce-overhead') of the network with a "
+                                   "capturable optimizer; needs compile model (or auto) on CUDA")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -142,141 +211,179 @@ class TrainConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(known))
+        hints = _hints()
+        unknown = sorted(set(raw) - set(hints))
         if unknown:
             more = f" (and {unknown[1:]})" if unknown[1:] else ""
             raise ConfigError(f"{source}: unknown key {unknown[0]!r}{more}")
-        values = {k: _coerce(k, v, known[k], source) for k, v in raw.items()}
-        cfg = cls(**values)
+        cfg = cls(**{k: _coerce(k, v, hints[k], source) for k, v in raw.items()})
         cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "config") -> None:
+        """Each field's declared range, then the rules that relate fields."""
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: {key} = {getattr(self, key)!r}: {why}")
 
-        for key in ("noising_type", "coefficient_type"):
-            try:
-                Flow(**{key.split("_")[0]: getattr(self, key)})
-            except ValueError as e:
-                raise ConfigError(f"{source}: {e}") from None
-        if not is_model_type(self.model_type):
-            raise bad("model_type", "expected a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T")
-        if self.dataset_type not in DATASETS:
-            raise bad("dataset_type", f"expected one of {list(DATASETS)}")
-        if self.l_schedule.lower() not in L_SCHEDULES:
-            raise bad("l_schedule", "expected Const, Linear, Cosine or Exponent")
-        if not 0.0 <= self.velocity_loss_ratio <= 1.0:
-            raise bad("velocity_loss_ratio", "must lie in [0, 1]")
-        for key in ("time_mean", "time_std"):
-            if len(getattr(self, key)) != 3:
-                raise bad(key, "expected three numbers [FM t, consistency s, consistency t]")
-        if any(v <= 0 for v in self.time_std):
-            raise bad("time_std", "standard deviations must be > 0")
-        if self.cfg_scale < 1.0:
-            raise bad("cfg_scale", "must be >= 1")
+        try:
+            self.flow
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for check in f.metadata["checks"]:
+                if value is not None and not check.ok(value):
+                    raise bad(f.name, check.why)
+        dit = self.model_type.startswith("DiT")
         if self.cfg_scale > 1.0 and self.cfg_drop_rate <= 0.0:
             raise bad("cfg_drop_rate", "cfg_scale > 1 needs cfg_drop_rate > 0 (the unconditional model is its teacher)")
-        if not 0.0 <= self.cfg_drop_rate < 1.0:
-            raise bad("cfg_drop_rate", "must lie in [0, 1)")
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise bad("mix_ratio", "must lie in [0, 1]")
-        if not 0.0 < self.cfg_decay_time:
-            raise bad("cfg_decay_time", "must be > 0 (>= 1 disables the decay)")
+        if self.cfg_scale > 1.0 and self.num_classes == 0:
+            raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
         if self.l_schedule.lower() == "exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
             raise bad("l_end_ratio" if self.l_end_ratio <= 0 else "l_init_ratio", "Exponent needs ratios > 0")
-        for key in ("l_init_ratio", "l_end_ratio"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise bad(key, "must lie in [0, 1]")
-        for key in ("total_steps", "batch_size", "logging_steps", "ckpt_saving_steps", "data_size", "eval_NFE"):
-            if getattr(self, key) < 1:
-                raise bad(key, "must be >= 1")
-        for key in ("eps", "learning_rate"):
-            if getattr(self, key) <= 0:
-                raise bad(key, "must be > 0")
-        if self.p < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise bad("p" if self.p < 0 else "weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
-        if not 0.0 <= self.ema_decay_rate < 1.0:
-            raise bad("ema_decay_rate", "must lie in [0, 1)")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise bad("betas", "expected two numbers in [0, 1)")
-        if len(self.eval_demo_shape) != 2 or min(self.eval_demo_shape) < 1:
-            raise bad("eval_demo_shape", "expected [rows, columns], both >= 1")
-        for key, allowed in (("kernels", KERNEL_MODES), ("precision", PRECISIONS),
-                             ("optimizer", ("auto", "adamw", "radam", "fused_adamw_ema", "apex")),
-                             ("on_nonfinite", ("stop", "skip")), ("device", ("auto", "cpu", "cuda")),
-                             ("parallel", ("none", "ddp", "fsdp")), ("compile", COMPILE_MODES),
-                             ("attention", ATTENTION_MODES)):
-            if getattr(self, key) not in allowed:
-                raise bad(key, f"expected one of {list(allowed)}")
-        if not (isinstance(self.reshard_after_forward, bool) or self.reshard_after_forward == "auto"):
-            raise bad("reshard_after_forward", "expected auto, true or false")
-        if self.attention != "auto" and not self.model_type.startswith("DiT"):
+        if self.attention != "auto" and not dit:
             raise bad("attention", "the U-Net's attention is chosen per call; only auto applies to it")
-        if self.compile == "blocks" and not self.model_type.startswith("DiT"):
+        if self.compile == "blocks" and not dit:
             raise bad("compile", "'blocks' compiles each DiT block; the U-Net has none: use model")
+        if self.precision == "bf16-secant" and not dit:
+            raise bad("precision", "the secant pair is built into the DiT; use bf16-split for a U-Net")
         if bool(self.eval_fid_reference) != bool(self.eval_inception):
             raise bad("eval_inception" if self.eval_fid_reference else "eval_fid_reference",
                       "periodic FID needs both eval_fid_reference and eval_inception")
         if self.eval_fid_reference and self.dataset_type == "Imagenet" and not self.eval_vae:
             raise bad("eval_vae", "FID of latent samples needs a local VAE folder to decode them")
-        if self.eval_num_samples < 2:
-            raise bad("eval_num_samples", "must be >= 2")
-        if self.ema_every < 0:
-            raise bad("ema_every", "must be >= 0")
-        if self.augment_p is not None and not 0.0 <= self.augment_p <= 1.0:
-            raise bad("augment_p", "must lie in [0, 1]")
-        if self.micro_batch_size < 0 or self.peak_tflops < 0:
-            raise bad("micro_batch_size" if self.micro_batch_size < 0 else "peak_tflops", "must be >= 0")
         if self.resolved_optimizer == "fused_adamw_ema" and self.resolved_ema_every != 1:
             raise bad("optimizer", "fused_adamw_ema updates the EMA every step; set ema_every: 1")
-        if self.num_classes is not None and self.num_classes < 0:
-            raise bad("num_classes", "must be >= 0")
-        if self.precision == "bf16-secant" and not self.model_type.startswith("DiT"):
-            raise bad("precision", "the secant pair is built into the DiT; use bf16-split for a U-Net")
-        if self.cfg_scale > 1.0 and self.num_classes == 0:
-            raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    """Check a YAML value against the field's type; ints are accepted for floats."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = {"Optional[int]": int, "Optional[float]": float, "bool | str": (bool, str)}.get(str(f.type), type(default))
-    if value is None and str(f.type).startswith("Optional"):
-        return None
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+_MISMATCH = object()
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` declares (an int is accepted for a float), or _MISMATCH."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return next((v for v in (_conform(value, arm) for arm in args) if v is not _MISMATCH), _MISMATCH)
+    if origin is list:
+        items = [_conform(v, args[0]) for v in value] if isinstance(value, list) else [_MISMATCH]
+        return _MISMATCH if _MISMATCH in items else items
+    if origin is Literal:  # the choice itself is checked after the type, with its own message
+        hint = type(args[0])
+    if hint is type(None):
+        return None if value is None else _MISMATCH
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISMATCH
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    return value if isinstance(value, hint) else _MISMATCH
+
+
+def _type_name(hint: Any, choices: bool = False) -> str:
+    """'float', 'list[int]', 'int or null', ...; a Literal reads as str, or as 'a | b | c' with choices=True."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(arm, choices) for arm in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is Literal:
+        return " | ".join(args) if choices else type(args[0]).__name__
+    return "null" if hint is type(None) else hint.__name__
+
+
+def _choices(hint: Any) -> tuple[str, ...]:
+    """The Literal values a hint allows (directly or in a union); () when it declares none."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    return sum((_choices(arm) for arm in get_args(hint) if get_origin(hint) in (Union, types.UnionType)), ())
+
+
+def _finite(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(math.isfinite(v) for v in values if isinstance(v, float))
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """`value` checked against the field's declared type and choices."""
     if key == "compile" and isinstance(value, bool):  # the retired form: true compiled each block
         raise ConfigError(f"{source}: compile = {value!r}: booleans are gone; use one of {list(COMPILE_MODES)} "
                           "(true was blocks, false none)")
-    ok = (isinstance(value, bool) if kind is bool else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-          isinstance(value, int) and not isinstance(value, bool) if kind is int else
-          isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-          if kind is list else isinstance(value, kind))
-    if not ok:
-        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-        raise ConfigError(f"{source}: {key} = {value!r}: expected {names}")
-    return float(value) if kind is float else list(value) if kind is list else value
+    out = _conform(value, hint)
+    if out is _MISMATCH:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(hint)}")
+    if not _finite(out):
+        raise ConfigError(f"{source}: {key} = {value!r}: expected a finite number")
+    allowed = _choices(hint)
+    if allowed and isinstance(out, str) and out not in allowed:
+        why = (f"expected {', '.join(allowed)}, true or false" if bool in get_args(hint) else
+               f"expected one of {list(allowed)}")
+        raise ConfigError(f"{source}: {key} = {value!r}: {why}")
+    return out
+
+
+def config_help() -> str:
+    """Every key with its type, default and doc: what `soflow-fast train --help-config` prints."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"{f.name}: {_type_name(_hints()[f.name], choices=True)} = {json.dumps(default)}")
+        lines += textwrap.wrap(f.metadata["doc"], 116, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader that also reads YAML 1.2 exponent floats without a dot or exponent sign (1e-4, 3E5):
+    YAML 1.1 reads those as strings, so `learning_rate: 1e-4` would be rejected as "expected float"."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML as yaml.safe_load does (plain data, no object construction), with 1e-4 read as a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    return " ".join(str(e).split())
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
-    """Read a YAML config with yaml.safe_load; `overrides` (already parsed values) replace its keys."""
+    """Read a YAML config; `overrides` (already parsed values) replace its keys. An empty file is an error: it would
+    otherwise train the defaults (a 130M-parameter DiT) without saying so."""
+    source = f"config {path}"
     try:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"config {path}: no such file") from None
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot be read ({e.strerror})") from None
+    try:
+        raw = read_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path}: not valid YAML ({e})") from None
-    raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
+        raise ConfigError(f"{source}: not valid YAML ({_one_line(e)})") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{source}: no keys; a config names at least the model and the data (see configs/, "
+                          "`soflow-fast train --help-config`)")
     if isinstance(raw, dict) and overrides:
-        raw.update(overrides)
-    return TrainConfig.from_dict(raw, source=f"config {path}")
+        raw = {**raw, **overrides}
+    return TrainConfig.from_dict(raw, source=source)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'key=value' with the value read as YAML (so numbers, lists and booleans work)."""
-    if "=" not in text:
+    """--set 'key=value', the value read as YAML (so numbers, lists and booleans work)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), read_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_one_line(e)})") from None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")  # resolve_device's names
 # none: eager; blocks: torch.compile each DiT block; model: the whole network (one graph per call shape); step: the
 # whole loss of a step, its three calls and the loss math, one graph (soflow_fast.step.compiled_loss; parallel none);
 # auto: model on CUDA, none elsewhere (this project's 2-core CPU, digits config: 84 s to compile, then no faster).

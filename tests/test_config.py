@@ -4,6 +4,8 @@ import yaml
 
 from soflow_fast.config import ConfigError, TrainConfig, load_config
 
+# The reference's imagenet.yaml, less its DataLoader keys num_workers: 8 and prefetch_factor: 4, which this trainer
+# rejects (test_unused_loader_keys_are_rejected).
 REFERENCE_IMAGENET = """
 working_dir: ./your_experiment_name
 noising_type: Linear # 'Linear', 'Triangular'
@@ -30,8 +32,6 @@ learning_rate: 0.0001
 betas: [0.9, 0.99]
 weight_decay: 0.0
 batch_size: 256
-num_workers: 8
-prefetch_factor: 4
 eval_steps: 25000
 eval_batch_size: 125
 eval_NFE: 1

@@ -1,0 +1,23 @@
+"""UserError: a mistake in what the user gave (a flag, a config key, a file). The CLI prints its message as one line
+and exits with status 2; any other exception is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+class UserError(Exception):
+    """Bad user input; the message names the flag, key or file at fault."""
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]) -> Iterator[None]:
+    """Re-raise `types` as UserError around a call whose module reports bad input with built-in exception types.
+
+    Wrap only the call that reads the user's input, so that the same types raised by a bug elsewhere keep their
+    traceback."""
+    try:
+        yield
+    except types as e:
+        # str(KeyError) quotes its message; the message is the first argument
+        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
