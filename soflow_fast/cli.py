@@ -5,10 +5,58 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
+from .errors import UserError, user_errors
+
+# Modules that still report bad input (a missing file, a malformed checkpoint or data folder) with built-in exception
+# types: the commands translate these around the calls that read the user's files, and nowhere else.
+FILE_ERRORS = (FileNotFoundError, ValueError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, naming the flag (`--help` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+class _HelpConfig(argparse.Action):
+    """--help-config: print every config key (type, default, doc) and exit, like --help."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list every config key with its type, default and meaning, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args) -> None:
+        from .config import config_help
+
+        print(config_help())
+        parser.exit()
+
+
+def _check_output_dir(path: Path, what: str) -> None:
+    """Fail now, naming `what`, when `path` cannot become an output folder: it, or the nearest existing folder above
+    it, is a file or not writable (rather than after a model is built, or at the first checkpoint)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    where = "it" if existing == path else str(existing)
+    if not existing.is_dir():
+        raise UserError(f"{what}: {where} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {where} is not writable")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -17,7 +65,12 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(s) for s in args.set or [])
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, args.run_dir)
+    if args.run_dir:
+        _check_output_dir(Path(args.run_dir), f"--run-dir {args.run_dir}")
+    else:
+        _check_output_dir(Path(cfg.working_dir), f"config {args.config}: working_dir = {cfg.working_dir!r}")
+    with user_errors(*FILE_ERRORS):  # the data folder, and the run's checkpoint it resumes from
+        trainer = Trainer(cfg, args.run_dir)
     trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)  # ends with the digits quality report
     return 0
 
@@ -29,60 +82,44 @@ def _sample(args: argparse.Namespace) -> int:
     from .sampling import generate
     from .vae import load_vae
 
-    dist = init_distributed(args.device)
-    ck = consolidate(args.checkpoint)
-    model = model_from_checkpoint(ck, "ema" if not args.raw_weights else "model", args.kernels, dist.device)
+    _check_output_dir(Path(args.out), f"--out {args.out}")
+    with user_errors(*FILE_ERRORS):  # --device cuda without a GPU, the checkpoint, the --vae folder
+        dist = init_distributed(args.device)
+        ck = consolidate(args.checkpoint)
+        model = model_from_checkpoint(ck, "ema" if not args.raw_weights else "model", args.kernels, dist.device)
+        vae = load_vae(args.vae, dist.device) if args.vae else None
     labels = None
     if args.labels:
-        labels = [int(v) for v in args.labels.split(",")]
+        try:
+            labels = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise UserError(f"--labels {args.labels!r}: expected comma-separated class numbers") from None
         classes = getattr(model.cfg, "num_classes", 0)
         bad = [v for v in labels if not 0 <= v < classes]
         if bad:
-            raise ValueError(f"--labels: {bad[0]} is outside 0..{classes - 1}")
+            raise UserError(f"--labels: {bad[0]} is outside 0..{classes - 1}")
     path = generate(model, Flow(**ck["flow"]), Path(args.out), num=args.num_samples, nfe=args.nfe, seed=args.seed,
-                    batch_size=args.batch_size, dist=dist, labels=labels,
-                    vae=load_vae(args.vae, dist.device) if args.vae else None)
+                    batch_size=args.batch_size, dist=dist, labels=labels, vae=vae)
     if path is not None:
         print(f"wrote {args.num_samples} samples to {path} (arr_0 uint8 NHWC) and {path.with_suffix('.png')}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .checkpoint import FORMAT, atomic_save, load_state_strict, read_checkpoint
     from .config import load_config
-    from .models import build_unet, describe
-    from .models.reference import infer_dit_config, strip_reference_prefix
+    from .convert import import_reference_checkpoint
 
-    ref = read_checkpoint(args.reference)
-    for key in ("model", "ema_model"):
-        if key not in ref:
-            raise SystemExit(f"checkpoint {args.reference}: no {key!r} entry; not a reference SoFlow checkpoint")
-    model = strip_reference_prefix(ref["model"], f"checkpoint {args.reference} [model]")
-    ema = strip_reference_prefix(ref["ema_model"], f"checkpoint {args.reference} [ema_model]")
     cfg = load_config(args.config) if args.config else None
-    if any(k.startswith("enc.") for k in model):  # the reference's CIFAR-10 U-Net (one fixed architecture)
-        net = build_unet("UNet")
-    else:
-        from .models import DiT
-
-        num_classes = args.num_classes if cfg is None or cfg.num_classes is None else cfg.num_classes
-        net = DiT(infer_dit_config(model, num_classes, args.num_heads))
-    for name, state in (("model", model), ("ema_model", ema)):  # check both fit before anything is written
-        load_state_strict(net, state, f"checkpoint {args.reference} [{name}]")
-    flow = {"noising": cfg.flow.noising, "coefficient": cfg.flow.coefficient} if cfg else \
-        {"noising": "linear", "coefficient": "euler"}
-    out = {"format": FORMAT, "model": model, "ema": ema, "step": int(ref.get("finished_steps", 0)),
-           "model_config": describe(net), "flow": flow, "config": cfg.to_dict() if cfg else None,
-           "imported_from": str(args.reference)}
-    atomic_save(out, args.out)
-    print(f"imported {args.reference} ({type(net).__name__}, step {out['step']}) -> {args.out}")
+    ck = import_reference_checkpoint(args.reference, args.out, cfg, args.num_classes, args.num_heads)
+    print(f"imported {args.reference} ({ck['model_config']['kind']}, step {ck['step']}) -> {args.out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_save, consolidate
 
-    ck = consolidate(args.checkpoint)
+    with user_errors(*FILE_ERRORS):
+        ck = consolidate(args.checkpoint)
     atomic_save(ck, args.out)
     print(f"exported step {ck['step']} (model and EMA weights, consolidated) -> {args.out}")
     return 0
@@ -94,20 +131,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .parallel import resolve_device
 
     if args.samples is None and args.save_ref_stats is None:
-        raise ValueError("give a samples .npz to score, or --save-ref-stats to only compute the reference statistics")
-    if args.samples is not None:
-        NpzImages(args.samples)  # validates arr_0 from its header: a bad file fails before the reference pass
-    device = resolve_device(args.device)
-    extractor = load_inception(args.inception, device)
+        raise UserError("give a samples .npz to score, or --save-ref-stats to only compute the reference statistics")
     progress = not args.no_progress
-    ref = reference_stats(args.ref, extractor, args.batch_size, progress)
-    if args.save_ref_stats:
-        ref.save(args.save_ref_stats)
-        print(f"wrote reference statistics of {args.ref} to {args.save_ref_stats}", file=sys.stderr)
-    if args.samples is None:
-        return 0
-    result = {"samples": str(args.samples), "reference": str(args.ref),
-              **evaluate_npz(args.samples, ref, extractor, args.batch_size, progress)}
+    with user_errors(*FILE_ERRORS):  # evaluation/ names the samples, reference or weights file at fault
+        if args.samples is not None:
+            NpzImages(args.samples)  # validates arr_0 from its header: a bad file fails before the reference pass
+        extractor = load_inception(args.inception, resolve_device(args.device))
+        ref = reference_stats(args.ref, extractor, args.batch_size, progress)
+        if args.save_ref_stats:
+            ref.save(args.save_ref_stats)
+            print(f"wrote reference statistics of {args.ref} to {args.save_ref_stats}", file=sys.stderr)
+        if args.samples is None:
+            return 0
+        scores = evaluate_npz(args.samples, ref, extractor, args.batch_size, progress)
+    result = {"samples": str(args.samples), "reference": str(args.ref), **scores}
     text = json.dumps(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -119,18 +156,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .evaluation.plot import plot_metrics
 
-    out = plot_metrics(args.run_dir, args.out)
+    with user_errors(*FILE_ERRORS):  # a run directory without (plottable) metrics.jsonl
+        out = plot_metrics(args.run_dir, args.out)
     print(f"wrote {out}")
     return 0
 
 
 def _prepare_latents(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_latents
+    from .data.prepare import PrepareError, prepare_latents
     from .parallel import resolve_device
 
-    m = prepare_latents(args.images, args.out, args.vae, image_size=args.image_size, shard_size=args.shard_size,
-                        dtype=args.dtype, batch_size=args.batch_size, on_error=args.on_error,
-                        device=resolve_device(args.device), num_threads=args.num_threads)
+    with user_errors(ValueError):  # --device cuda without a GPU
+        device = resolve_device(args.device)
+    with user_errors(PrepareError):
+        m = prepare_latents(args.images, args.out, args.vae, image_size=args.image_size, shard_size=args.shard_size,
+                            dtype=args.dtype, batch_size=args.batch_size, on_error=args.on_error, device=device,
+                            num_threads=args.num_threads)
     if m is not None:
         print(f"wrote {m['count']} latents {m['sample_shape']} ({m['dtype']}) in {len(m['shards'])} shards to "
               f"{args.out}" + (f"; {len(m['skipped'])} images skipped (see manifest.json)" if m["skipped"] else ""))
@@ -138,26 +179,29 @@ def _prepare_latents(args: argparse.Namespace) -> int:
 
 
 def _convert_latents(args: argparse.Namespace) -> int:
-    from .data.prepare import convert_hdf5
+    from .data.prepare import PrepareError, convert_hdf5
 
-    m = convert_hdf5(args.hdf5, args.out, shard_size=args.shard_size, dtype=args.dtype, num_classes=args.num_classes)
+    with user_errors(PrepareError):
+        m = convert_hdf5(args.hdf5, args.out, shard_size=args.shard_size, dtype=args.dtype,
+                         num_classes=args.num_classes)
     print(f"converted {m['count']} latents {m['sample_shape']} ({m['dtype']}) into {len(m['shards'])} shards in "
           f"{args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soflow-fast", description=__doc__)
+    p = _Parser(prog="soflow-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a SoFlow model from a YAML config",
                        description="Train a SoFlow model. Re-running on an existing run directory resumes from its "
                                    "latest checkpoint.")
     t.add_argument("config", help="YAML config (reference imagenet.yaml keys are accepted; see configs/)")
+    t.add_argument("--help-config", action=_HelpConfig)
     t.add_argument("--run-dir", help="run directory (default: the config's working_dir)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (value parsed as YAML); repeatable")
-    t.add_argument("--max-steps", type=int, help="stop after this many finished steps (default: total_steps)")
+    t.add_argument("--max-steps", type=_positive_int, help="stop after this many finished steps (default: total_steps)")
     t.add_argument("--no-progress", action="store_true", help="no console progress bar")
     t.set_defaults(func=_train)
 
@@ -168,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a consolidated .pt, a training checkpoint directory, or a run directory "
                                       "(its latest checkpoint)")
     s.add_argument("--out", required=True, help="output folder for samples_<N>nfe.npz (arr_0: uint8 NHWC) and .png")
-    s.add_argument("--num-samples", type=int, default=100, help="number of samples (default 100)")
-    s.add_argument("--nfe", type=int, default=1, help="network evaluations per sample (default 1)")
+    s.add_argument("--num-samples", type=_positive_int, default=100, help="number of samples (default 100)")
+    s.add_argument("--nfe", type=_positive_int, default=1, help="network evaluations per sample (default 1)")
     s.add_argument("--labels", help="comma-separated class labels, cycled (default: uniformly random)")
     s.add_argument("--seed", type=int, default=0, help="seed of noise and random labels (default 0)")
-    s.add_argument("--batch-size", type=int, default=256,
+    s.add_argument("--batch-size", type=_positive_int, default=256,
                    help="samples per network call and per resumable chunk (default 256); keep it fixed to resume")
     s.add_argument("--vae", help="a LOCAL diffusers AutoencoderKL folder to decode latent models (e.g. sd-vae-ft-mse)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw (non-EMA) weights")
@@ -254,11 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+    except UserError as e:  # anything else is a bug: its traceback is shown
         print(f"soflow-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -7,15 +7,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import kernels as bench  # noqa: E402
+import kernels as bench
 
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode; on a GPU run the benchmark itself")

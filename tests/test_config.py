@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from soflow_fast.config import ConfigError, TrainConfig, load_config
+from soflow_fast.config import ConfigError, TrainConfig, load_config, parse_override
 
 # The reference's imagenet.yaml, less its DataLoader keys num_workers: 8 and prefetch_factor: 4, which this trainer
 # rejects (test_unused_loader_keys_are_rejected).
@@ -152,3 +152,62 @@ def test_cuda_graphs_is_a_bool_off_by_default():
     assert TrainConfig().cuda_graphs is False
     with pytest.raises(ConfigError, match="cuda_graphs = 'yes': expected bool"):
         TrainConfig.from_dict(_with(cuda_graphs="yes"))
+
+
+@pytest.mark.parametrize("text,want", [("1e-4", 1e-4), ("3E5", 3e5), ("2.5e-3", 2.5e-3), (".5e1", 5.0),
+                                       ("1.0e4", 1e4)])
+def test_exponent_floats_read_as_numbers_in_files_and_set(tmp_path, text, want):
+    """YAML 1.1 reads 1e-4 as a string; the config loader reads it as YAML 1.2 does, in files and in --set."""
+    path = tmp_path / "c.yaml"
+    path.write_text(REFERENCE_IMAGENET.replace("learning_rate: 0.0001", f"learning_rate: {text}"))
+    assert load_config(path).learning_rate == want
+    assert load_config(path, dict([parse_override(f"eps={text}")])).eps == want
+    assert parse_override(f"time_mean=[-{text}, 0, {text}]") == ("time_mean", [-want, 0, want])
+
+
+def test_exponent_strings_stay_strings_where_quoted():
+    with pytest.raises(ConfigError, match="learning_rate = '1e-4': expected float"):
+        TrainConfig.from_dict(_with(learning_rate="1e-4"))
+
+
+@pytest.mark.parametrize("key,value", [("num_workers", 8), ("prefetch_factor", 4), ("num_workers", 1)])
+def test_unused_loader_keys_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=rf"^config: {key} = {value}: not used: the trainer's loaders run without "
+                                          "worker processes; remove the key$"):
+        TrainConfig.from_dict(_with(**{key: value}))
+    assert TrainConfig.from_dict(_with(num_workers=0, prefetch_factor=2)).num_workers == 0
+
+
+def test_choices_come_from_the_consuming_modules():
+    from typing import get_args, get_type_hints
+
+    from soflow_fast import attention, kernel_ops, optim, parallel, precision
+
+    hints = get_type_hints(TrainConfig)
+    assert get_args(hints["attention"]) == attention.ATTENTION_MODES
+    assert get_args(hints["kernels"]) == kernel_ops.KERNEL_MODES
+    assert get_args(hints["compile"]) == parallel.COMPILE_MODES
+    assert get_args(hints["parallel"]) == parallel.PARALLEL_MODES
+    assert get_args(hints["device"]) == parallel.DEVICES
+    assert get_args(hints["precision"]) == precision.PRECISIONS
+    assert get_args(hints["optimizer"]) == ("auto", *optim.KINDS)
+    with pytest.raises(ConfigError, match=r"optimizer = 'sgd': expected one of \['auto', 'adamw', 'radam'"):
+        TrainConfig.from_dict(_with(optimizer="sgd"))
+
+
+def test_help_config_lists_every_key_with_type_default_and_doc(capsys):
+    import dataclasses
+
+    from soflow_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "learning_rate: float = 0.0001\n    optimizer learning rate\n" in out
+    assert 'kernels: auto | triton | eager = "eager"\n' in out
+    assert "num_classes: int or null = null\n" in out
+    assert 'reshard_after_forward: bool or auto = "auto"\n' in out
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["doc"], f.name
+        assert f"\n{f.name}: " in "\n" + out

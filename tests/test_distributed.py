@@ -143,16 +143,10 @@ os._exit(0)  # skip interpreter teardown, where torch.distributed's threads inte
 """
 
 
-def test_reshard_after_forward_false_gathers_once_per_step(tmp_path):
+def test_reshard_after_forward_false_gathers_once_per_step(torchrun):
     """With resharding each of DiT-T/2's 2 blocks is gathered for each of the 3 forwards and for the backward; without,
     once per step. The root (embedders, final layer) never reshards after forward: once per step either way."""
-    script = tmp_path / "gathers.py"
-    script.write_text(GATHER_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(script)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"True": 1 + 2 * 4, "False": 1 + 2}
+    assert torchrun(GATHER_SCRIPT) == {"True": 1 + 2 * 4, "False": 1 + 2}
 
 
 def test_micro_batching_changes_nothing_but_memory(tmp_path, single):

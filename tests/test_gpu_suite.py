@@ -3,18 +3,13 @@ recorded without stopping the others, the matrix stops at its cap, and the child
 The suite is meant for one short GPU window; anything broken in it would otherwise be found only on that day."""
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"

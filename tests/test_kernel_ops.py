@@ -3,25 +3,20 @@
 auto follows kernels/choices.py, whose table must be the one benchmarks/RESULTS.md's rows give; the model's
 forward and the step call the resolved functions without consulting the choice again.
 """
-import os
 import re
 from pathlib import Path
 
 import torch
+import pytest
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import soflow_fast  # noqa: E402
-from soflow_fast import kernel_ops as K  # noqa: E402
-from soflow_fast import loss, ops  # noqa: E402
-from soflow_fast.flow import Flow  # noqa: E402
-from soflow_fast.kernels import choices  # noqa: E402
-from soflow_fast import step as step_module  # noqa: E402
-from soflow_fast.models import dit  # noqa: E402
-from soflow_fast.step import SoFlowHParams, draw_noise, soflow_loss  # noqa: E402
+import soflow_fast
+from soflow_fast import kernel_ops as K
+from soflow_fast import loss, ops
+from soflow_fast.flow import Flow
+from soflow_fast.kernels import choices
+from soflow_fast import step as step_module
+from soflow_fast.models import dit
+from soflow_fast.step import SoFlowHParams, draw_noise, soflow_loss
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
 

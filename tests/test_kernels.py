@@ -14,22 +14,17 @@ Tolerances, per dtype, and why:
     2^-8 = 4e-3 per rounding; a handful of roundings), NaN never passes.
   losses: every reduction is fp32 whatever the input dtype, so fp32 tolerances (1e-5) hold for bf16 inputs too.
 """
-import os
 from types import SimpleNamespace
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-from soflow_fast import loss as L  # noqa: E402
-from soflow_fast import ops  # noqa: E402
-from soflow_fast.flow import Flow  # noqa: E402
-from soflow_fast.kernels import _common, adaln, soflow_loss  # noqa: E402
+from soflow_fast import loss as L
+from soflow_fast import ops
+from soflow_fast.flow import Flow
+from soflow_fast.kernels import _common, adaln, soflow_loss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = (torch.bfloat16, torch.float16)

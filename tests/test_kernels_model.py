@@ -5,21 +5,16 @@ see tests/test_kernels.py). fp32 throughout: the two paths differ only in the or
 loss terms and every parameter gradient agree to atol = rtol = 1e-5 (gradients 1e-4 rtol: they pass through two
 blocks and the backward of attention, which amplify the 1e-7 differences of the adaLN sums).
 """
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import soflow_fast  # noqa: E402
-from soflow_fast.flow import Flow  # noqa: E402
-from soflow_fast.kernels import _common  # noqa: E402
-from soflow_fast.step import SoFlowHParams, draw_noise, soflow_loss  # noqa: E402
+import soflow_fast
+from soflow_fast.flow import Flow
+from soflow_fast.kernels import _common
+from soflow_fast.step import SoFlowHParams, draw_noise, soflow_loss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,7 +10,6 @@ Tolerances:
   dozen ops, amplified at most by 1 / r = 500 in q).
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -250,13 +249,7 @@ FSDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_fsdp_bf16_parameters_keep_x_t_s_in_fp32(tmp_path):
-    script = tmp_path / "fsdp_dtypes.py"
-    script.write_text(FSDP_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(script)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    seen = json.loads(r.stdout.strip().splitlines()[-1])
+def test_fsdp_bf16_parameters_keep_x_t_s_in_fp32(torchrun):
+    seen = torchrun(FSDP_SCRIPT)
     assert seen == {"x": "torch.float32", "t": "torch.float32", "t - s": "torch.float32"}
 
