@@ -106,10 +106,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import TrainConfig, load_config
     from .convert import import_reference_checkpoint
 
-    cfg = load_config(args.config) if args.config else None
+    # The reference YAML gives the flow and the classes; its DataLoader keys, which train rejects, do not matter here.
+    loader_keys = {key: getattr(TrainConfig, key) for key in ("num_workers", "prefetch_factor")}
+    cfg = load_config(args.config, loader_keys) if args.config else None
     ck = import_reference_checkpoint(args.reference, args.out, cfg, args.num_classes, args.num_heads)
     print(f"imported {args.reference} ({ck['model_config']['kind']}, step {ck['step']}) -> {args.out}")
     return 0

@@ -105,3 +105,19 @@ def test_cli_import_then_sample(tmp_path):
     assert (tmp_path / "s" / "samples_2nfe.png").exists()
     r = run("sample", str(ref), "--out", str(tmp_path / "s2"))  # a reference file given to sample: clear error
     assert r.returncode == 2 and "import-checkpoint" in r.stderr
+
+
+def test_import_reads_the_reference_yaml_with_its_loader_keys(tmp_path, capsys):
+    """The reference's imagenet.yaml sets num_workers and prefetch_factor, which `train` rejects; the import takes
+    only the flow and the classes from it, so the file is read as it is."""
+    import yaml
+
+    from soflow_fast.cli import main
+
+    reference_checkpoint(tmp_path / "ref.pt")
+    (tmp_path / "imagenet.yaml").write_text(yaml.safe_dump({"noising_type": "Trig", "num_classes": 10,
+                                                            "num_workers": 8, "prefetch_factor": 4}))
+    assert main(["import-checkpoint", str(tmp_path / "ref.pt"), str(tmp_path / "ours.pt"), "--config",
+                 str(tmp_path / "imagenet.yaml"), "--num-heads", "4"]) == 0, capsys.readouterr().err
+    ck = load_consolidated(tmp_path / "ours.pt")
+    assert ck["flow"] == {"noising": "trig", "coefficient": "euler"} and ck["step"] == 1234

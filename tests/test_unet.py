@@ -221,3 +221,16 @@ def test_cifar_step_runs_and_is_reproducible():
         losses.append(out.loss.detach())
         assert torch.isfinite(out.loss) and m.map_layer0.weight.grad.abs().sum() > 0
     assert torch.equal(losses[0], losses[1])
+
+
+def test_model_from_config_restores_tuple_fields():
+    """A description that went through JSON/YAML has lists where UNetConfig declares tuples; the rebuilt config is
+    the original one (tuples again), not an unequal, unhashable twin."""
+    import json
+
+    from soflow_fast.models import describe, model_from_config
+
+    net = build_unet("UNet-T")
+    rebuilt = model_from_config(json.loads(json.dumps(describe(net))))
+    assert isinstance(rebuilt.cfg.channel_mult, tuple) and rebuilt.cfg == net.cfg
+    hash(rebuilt.cfg)

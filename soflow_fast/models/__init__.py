@@ -3,7 +3,6 @@ from the architecture stored in a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-from typing import get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,6 @@ def model_from_config(description: dict, kernels: str = "eager", device: torch.d
     if kind not in KINDS:
         raise ValueError(f"model description: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     cls, cfg_cls = KINDS[kind]
-    hints = get_type_hints(cfg_cls)  # a tuple field may come back from a checkpoint as a list
-    config = {k: tuple(v) if isinstance(v, list) and get_origin(hints[k]) is tuple else v for k, v in config.items()}
     cfg = cfg_cls(**config, kernels=resolve_kernels(kernels, device))
     return (DiT(cfg, attention, torch.device(device).type) if cls is DiT else cls(cfg)).to(device)
 
