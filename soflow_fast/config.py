@@ -90,6 +90,8 @@ THREE_TIMES = Check(lambda v: len(v) == 3, "expected three numbers [FM t, consis
 
 @dataclass
 class TrainConfig:
+    """A training run's whole configuration, validated once (from_dict); nothing deeper reads the raw YAML."""
+
     # --- the reference implementation's keys -----------------------------------------------------
     working_dir: str = opt("./runs/soflow", "run directory: checkpoints, metrics.jsonl, samples (--run-dir wins)")
     noising_type: str = opt("Linear", "noising path: Linear | Trig (alias Triangular), any case")
