@@ -112,9 +112,10 @@ def test_compile_modes(value):
 
 
 @pytest.mark.parametrize("value,message", [
-    (True, r"compile = True: booleans are gone; use one of \['auto', 'none', 'blocks', 'model'\] \(true was blocks"),
+    (True, r"compile = True: booleans are gone; use one of \['auto', 'none', 'blocks', 'model', 'step'\] \(true was "
+           "blocks"),
     (False, "compile = False: booleans are gone"),
-    ("fast", r"compile = 'fast': expected one of \['auto', 'none', 'blocks', 'model'\]"),
+    ("fast", r"compile = 'fast': expected one of \['auto', 'none', 'blocks', 'model', 'step'\]"),
 ])
 def test_compile_rejects_booleans_and_unknown_modes(value, message):
     with pytest.raises(ConfigError, match=message):
