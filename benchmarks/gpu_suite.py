@@ -432,7 +432,7 @@ def matrix_variants(impls: list[str], batches: tuple[int, ...], cuda: bool) -> l
     compile costs minutes), default mode first."""
     modes = [AUTO_CUDA] + [m for m in MODES if m != AUTO_CUDA]
     compiles = ("model", "step") + (("step+graphs", "model+graphs") if cuda else ()) + ("blocks",)
-    out = [Variant(THREE, AUTO_CUDA, "eager", c, batches[0]) for c in compiles[:3]]
+    out = [Variant(THREE, AUTO_CUDA, "eager", c, batches[0]) for c in compiles[:3 if cuda else 2]]
     out += [Variant(SIX, "fp32", "eager", "none", batches[0])]
     for B in batches:
         out += [Variant(SIX, "fp32", "eager", "none", B)]

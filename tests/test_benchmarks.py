@@ -73,13 +73,16 @@ def test_step_host_path_mode():
 
 
 def test_step_host_path_compiled_row():
-    """--compiled adds the network compiled whole beside eager (backend aot_eager and depth 1 here: seconds to
-    compile; the figures that matter come from inductor at XL/2's depth, README "Measured")."""
+    """--compiled adds the network compiled whole and the whole step compiled beside eager (backend aot_eager and
+    depth 1 here: seconds to compile; the figures that matter come from inductor at XL/2's depth, README
+    "Measured")."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "step.py"), str(root / "configs" / "digits.yaml"),
                           "--host-path", "--steps", "1", "--compiled", "--set", "depth=1"], capture_output=True,
                          text=True, env={**os.environ, "SOFLOW_COMPILE_BACKEND": "aot_eager"})
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| compiled |")]
-    assert len(rows) == 1 and float(rows[0].split("|")[2]) > 0
-    assert "compiled network: aot_eager on CPU" in out.stdout and "host time eager / compiled: " in out.stdout
+    for impl in ("compiled", "compiled step"):
+        rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {impl} |")]
+        assert len(rows) == 1 and float(rows[0].split("|")[2]) > 0
+        assert f"host time eager / {impl}: " in out.stdout
+    assert "compiled: aot_eager on CPU" in out.stdout

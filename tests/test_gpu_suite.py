@@ -177,14 +177,18 @@ def test_kernel_categories():
     assert {n: suite.classify(n) for n in names} == names
 
 
-def test_matrix_priority():
-    """The default mode compiled as a model first, then the reference baseline, then every uncompiled variant of
-    the first batch; every combination once."""
-    vs = suite.matrix_variants(["eager", "triton"], (32, 64))
-    assert vs[0] == suite.Variant("three-call", "bf16-secant", "eager", "model", 32)
-    assert vs[1] == suite.Variant("six-call", "fp32", "eager", "none", 32)
-    assert {(v.compile, v.batch) for v in vs[2:2 + 8]} == {("none", 32)} and vs[2].precision == "bf16-secant"
-    assert len(vs) == len(set(vs)) == 2 * (1 + len(MODES) * 2 * 3)
+@pytest.mark.parametrize("cuda", [False, True])
+def test_matrix_priority(cuda):
+    """The default mode compiled as a model, as a step and (CUDA) as a step in CUDA graphs first, then the reference
+    baseline, then every uncompiled variant of the first batch; every combination once."""
+    vs = suite.matrix_variants(["eager", "triton"], (32, 64), cuda)
+    first = ["model", "step"] + (["step+graphs"] if cuda else [])
+    assert vs[:len(first)] == [suite.Variant("three-call", "bf16-secant", "eager", c, 32) for c in first]
+    vs = vs[len(first):]
+    assert vs[0] == suite.Variant("six-call", "fp32", "eager", "none", 32)
+    assert {(v.compile, v.batch) for v in vs[1:1 + 8]} == {("none", 32)} and vs[1].precision == "bf16-secant"
+    compiles = 4 + 2 * cuda  # none, blocks, model, step (+ model+graphs, step+graphs)
+    assert len(first) + len(vs) == len(set(vs) | set(first)) == 2 * (1 + len(MODES) * 2 * compiles)
 
 
 def test_time_limit_interrupts_and_disarms():

@@ -68,9 +68,9 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch):
         out.loss = out.loss * float("nan")
         return out
 
+    monkeypatch.setattr(T, "soflow_loss", poisoned)  # before the build: a trainer picks its loss function then
     tr = make(tmp_path, "stop")
     before = flat_state(tr)
-    monkeypatch.setattr(T, "soflow_loss", poisoned)
     with pytest.raises(NonFiniteError, match="step 1: non-finite loss"):
         tr.fit(progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, flat_state(tr)))  # weights untouched
