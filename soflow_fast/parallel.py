@@ -188,3 +188,23 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_host_group: Optional[tuple[object, object]] = None  # (the default group it was made for, a gloo group)
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Collective: each flag OR-ed over all ranks (unchanged on one process).
+
+    Reduced as CPU tensors over gloo (a gloo group beside NCCL, made at the first call), so it never waits for the
+    device: its cost is one small host-to-host round trip (tens of microseconds on one node, about a millisecond
+    across nodes) plus the wait for the slowest rank's host to reach it."""
+    global _host_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return tuple(bool(f) for f in flags)
+    world = dist.group.WORLD
+    if _host_group is None or _host_group[0] is not world:  # a new process group (tests make several)
+        _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group[1])
+    return tuple(bool(v) for v in values.tolist())
