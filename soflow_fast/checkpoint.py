@@ -1,15 +1,16 @@
 """Checkpoints.
 
 Training checkpoints are torch.distributed.checkpoint directories (sharded under FSDP, resumable on another world
-size): ckpts/step_XXXXXXXX/ holds the DCP files (model, optimizer, EMA) and meta.pt (step, data position, config,
-architecture). They are written under step_XXXXXXXX.tmp/ and renamed when complete, so a killed run never leaves a
-half-written checkpoint under a final name. A consolidated checkpoint is one .pt file (model, ema, architecture),
-made by `soflow-fast export` or `import-checkpoint`, and read by `sample`. All loads are weights_only.
+size): ckpts/step_XXXXXXXX/ holds the DCP files (model, optimizer, EMA), meta.pt (step, data position, config,
+architecture) and CHECKSUMS.json (integrity.py: verified before any load). They are written under step_XXXXXXXX.tmp/
+and renamed when complete, so a killed run never leaves a half-written checkpoint under a final name. A consolidated
+checkpoint is one .pt file (model, ema, architecture), made by `soflow-fast export` or `import-checkpoint`, and read
+by `sample`. All loads are weights_only.
 
 `Checkpointer` is the trainer's side: it assembles the DCP state (model, optimizer, EMA), saves it with the meta,
-prunes old checkpoints, and on resume refuses a checkpoint whose model differs from the configured one, naming the
-first differing field. `read_checkpoint` and `load_state_strict` are the one reader and the one strict loader of
-.pt files and state dicts (models/reference.py imports them too).
+prunes old checkpoints (sparing the newest clean one), and on resume refuses a checkpoint whose model differs from the
+configured one, naming the first differing field. `read_checkpoint` and `load_state_strict` are the one reader and
+the one strict loader of .pt files and state dicts (models/reference.py imports them too).
 """
 from __future__ import annotations
 
@@ -85,8 +86,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+    """Delete all but the `keep` newest checkpoints (keep 0: none), sparing the newest clean one (its meta 'clean':
+    no step skipped as non-finite since the checkpoint before it), so that a run diverging while on_nonfinite
+    skips never prunes the last weights from before its trouble."""
+    found = list_checkpoints(run_dir)
+    if keep <= 0 or len(found) <= keep:
+        return
+    clean = next((p for p in reversed(found) if read_meta(p).get("clean", True)), None)
+    for old in found[:-keep]:
+        if old != clean:
             shutil.rmtree(old)
 
 
@@ -103,7 +111,10 @@ def save_training_checkpoint(directory: Path, state: dict, meta: dict, is_main: 
     dcp.save(state, checkpoint_id=str(tmp))
     barrier()
     if is_main:
+        from .integrity import write_checksums
+
         atomic_save({"format": FORMAT, **meta}, tmp / META)
+        write_checksums(tmp)
         os.replace(tmp, directory)
     barrier()
 
@@ -152,8 +163,10 @@ def consolidate(path: str | os.PathLike) -> dict:
         if latest is None:
             raise FileNotFoundError(f"checkpoint {path}: neither a checkpoint directory nor a run with checkpoints")
         path = latest
+    from .integrity import verify_or_warn
     from .models import model_from_config
 
+    verify_or_warn(path)
     meta = read_meta(path)
     model = model_from_config(meta["model_config"])
     params = {k for k, _ in model.named_parameters()}
@@ -163,6 +176,15 @@ def consolidate(path: str | os.PathLike) -> dict:
     ema = {k: state["ema"].get(k, v) for k, v in state["model"].items()}  # the EMA has no buffers: the model's
     return {"format": FORMAT, "model": state["model"], "ema": ema, "step": meta["step"],
             "model_config": meta["model_config"], "flow": meta["flow"], "config": meta.get("config")}
+
+
+def check_same_model(source: str, theirs: dict, ours: dict) -> None:
+    """ValueError naming the first field in which the model `theirs` (models.describe) differs from `ours`."""
+    diff = [k for k in ours["config"] if theirs.get("config", {}).get(k) != ours["config"][k]]
+    if theirs.get("kind") != ours["kind"] or diff:
+        key = diff[0] if diff else "kind"
+        raise ValueError(f"{source}: its model has {key} = {theirs.get('config', {}).get(key, theirs.get('kind'))!r}, "
+                         f"the config asks for {ours['config'].get(key, ours['kind'])!r}")
 
 
 def model_from_checkpoint(ck: dict, weights: str = "ema", kernels: str = "eager",
@@ -202,21 +224,12 @@ class Checkpointer:
             prune_checkpoints(self.run_dir, self.keep)
         return path
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor],
-               model_config: dict) -> Optional[dict]:
-        """Collective: load the latest checkpoint into model, optimizer and ema (in place) and return its meta;
-        None when the run has none. A checkpoint of another model (model_config: models.describe) is refused."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return None
+    def resume(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor],
+               model_config: dict) -> dict:
+        """Collective: load the checkpoint `path` (resume.choose_checkpoint) into model, optimizer and ema (in place)
+        and return its meta. A checkpoint of another model (model_config: models.describe) is refused."""
         meta = read_meta(path)
-        theirs = meta["model_config"]
-        diff = [k for k in model_config["config"] if theirs.get("config", {}).get(k) != model_config["config"][k]]
-        if theirs.get("kind") != model_config["kind"] or diff:
-            key = diff[0] if diff else "kind"
-            raise ValueError(f"checkpoint {path}: its model has {key} = "
-                             f"{theirs.get('config', {}).get(key, theirs.get('kind'))!r}, the config asks for "
-                             f"{model_config['config'].get(key, model_config['kind'])!r}")
+        check_same_model(f"checkpoint {path}", meta["model_config"], model_config)
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state(model, optimizer, ema)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-from .errors import UserError, user_errors
+from .errors import RunFailed, UserError, user_errors
 
 # Modules that still report bad input (a missing file, a malformed checkpoint or data folder) with built-in exception
 # types: the commands translate these around the calls that read the user's files, and nowhere else.
@@ -61,6 +61,9 @@ def _check_output_dir(path: Path, what: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config, parse_override
+    from .parallel import init_distributed
+    from .runlock import RunLock
+    from .signals import EXIT_STOPPED
     from .train import Trainer
 
     overrides = dict(parse_override(s) for s in args.set or [])
@@ -69,10 +72,14 @@ def _train(args: argparse.Namespace) -> int:
         _check_output_dir(Path(args.run_dir), f"--run-dir {args.run_dir}")
     else:
         _check_output_dir(Path(cfg.working_dir), f"config {args.config}: working_dir = {cfg.working_dir!r}")
-    with user_errors(*FILE_ERRORS):  # the data folder, and the run's checkpoint it resumes from
-        trainer = Trainer(cfg, args.run_dir)
-    trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)  # ends with the digits quality report
-    return 0
+    with user_errors(ValueError):  # device: cuda without a GPU
+        dist = init_distributed(cfg.device)
+    # Held from before the run directory is read until the trainer is done: a second trainer stops at once.
+    with RunLock(args.run_dir or cfg.working_dir, is_main=dist.is_main):
+        with user_errors(*FILE_ERRORS):  # the data folder, and the run's checkpoint it resumes from
+            trainer = Trainer(cfg, args.run_dir)
+        stopped = trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)  # + the digits report
+    return EXIT_STOPPED if stopped else 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -197,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a SoFlow model from a YAML config",
                        description="Train a SoFlow model. Re-running on an existing run directory resumes from its "
-                                   "latest checkpoint.")
+                                   "latest checkpoint (or resume_from). SIGTERM, SIGINT or SIGUSR1 save a checkpoint "
+                                   "at the next step and exit with status 143; a user error exits 2, a diverged run "
+                                   "1 (docs/cluster.md).")
     t.add_argument("config", help="YAML config (reference imagenet.yaml keys are accepted; see configs/)")
     t.add_argument("--help-config", action=_HelpConfig)
     t.add_argument("--run-dir", help="run directory (default: the config's working_dir)")
@@ -235,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("import-checkpoint", help="convert a reference SoFlow checkpoint into ours",
                        description="Convert a zlab-princeton/SoFlow checkpoint (model/ema_model with 'network.' keys) "
-                                   "into a soflow_fast checkpoint that `sample` and `train` read.")
+                                   "into a soflow_fast checkpoint that `sample` reads and `train` starts from "
+                                   "(config key init_from).")
     i.add_argument("reference", help="the reference checkpoint (.pt)")
     i.add_argument("out", help="output path of the soflow_fast checkpoint")
     i.add_argument("--config", help="the reference YAML the model was trained with (path and coefficient types)")
@@ -302,9 +312,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:  # anything else is a bug: its traceback is shown
+    except (UserError, RunFailed) as e:  # anything else is a bug: its traceback is shown
         print(f"soflow-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UserError) else 1
     finally:
         import torch.distributed as dist
 

@@ -76,9 +76,10 @@ def unused(default: Any) -> Check:
     return Check(lambda v: v == default, "not used: the trainer's loaders run without worker processes; remove the key")
 
 
-def opt(default: Any, doc: str, *checks: Check) -> Any:
-    """A config field: its default, its doc (`soflow-fast train --help-config`) and its range checks, in order."""
-    meta = {"doc": doc, "checks": checks}
+def opt(default: Any, doc: str, *checks: Check, fixed: bool = False) -> Any:
+    """A config field: its default, its doc (`soflow-fast train --help-config`) and its range checks, in order.
+    fixed: a resume refuses a change of it (it defines the run's model, data, objective or randomness; resume.py)."""
+    meta = {"doc": doc, "checks": checks, "fixed": fixed}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,35 +95,40 @@ class TrainConfig:
 
     # --- the reference implementation's keys -----------------------------------------------------
     working_dir: str = opt("./runs/soflow", "run directory: checkpoints, metrics.jsonl, samples (--run-dir wins)")
-    noising_type: str = opt("Linear", "noising path: Linear | Trig (alias Triangular), any case")
-    coefficient_type: str = opt("Euler", "solution-function coefficients: Euler | Trig (alias Triangular), any case")
+    noising_type: str = opt("Linear", "noising path: Linear | Trig (alias Triangular), any case", fixed=True)
+    coefficient_type: str = opt("Euler", "solution-function coefficients: Euler | Trig (alias Triangular), any case",
+                                fixed=True)
     model_type: str = opt("DiT-B-4", "network: a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T",
-                          Check(is_model_type, "expected a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T"))
-    dataset_type: DatasetType = opt("digits", "digits (embedded) | Imagenet (latent shards) | CIFAR10 | ImageFolder")
-    data_size: int = opt(8, "image (or latent) side length", POSITIVE)
+                          Check(is_model_type, "expected a DiT size (DiT-XL/2 or DiT-XL-2, ...) or UNet / UNet-T"),
+                          fixed=True)
+    dataset_type: DatasetType = opt("digits", "digits (embedded) | Imagenet (latent shards) | CIFAR10 | ImageFolder",
+                                    fixed=True)
+    data_size: int = opt(8, "image (or latent) side length", POSITIVE, fixed=True)
     dataset_path: str = opt("", "data folder (latent shards, CIFAR-10 python batches or an ImageFolder)")
-    velocity_loss_ratio: float = opt(0.75, "fraction of each batch given to the FM loss", UNIT)
-    p: float = opt(1.0, "adaptive-weight power", NON_NEGATIVE)
-    eps: float = opt(0.01, "adaptive-weight epsilon", above(0))
+    velocity_loss_ratio: float = opt(0.75, "fraction of each batch given to the FM loss", UNIT, fixed=True)
+    p: float = opt(1.0, "adaptive-weight power", NON_NEGATIVE, fixed=True)
+    eps: float = opt(0.01, "adaptive-weight epsilon", above(0), fixed=True)
     time_mean: list[float] = opt([-0.2, -1.0, 0.2], "logit-normal means of [FM t, consistency s, consistency t]",
-                                 THREE_TIMES)
+                                 THREE_TIMES, fixed=True)
     time_std: list[float] = opt([1.0, 0.8, 0.8], "logit-normal standard deviations, same order as time_mean",
-                                THREE_TIMES, Check(lambda v: min(v) > 0, "standard deviations must be > 0"))
-    cfg_scale: float = opt(1.0, "training guidance scale w (> 1 enables guided targets)", at_least(1))
-    mix_ratio: float = opt(1.0, "m: the guided target mixed with the model's own prediction", UNIT)
-    cfg_drop_rate: float = opt(0.0, "fraction of rows training the unconditional model", UNIT_OPEN)
-    cfg_decay_time: float = opt(1.0, "tau: guidance decays for t > tau", above(0, " (>= 1 disables the decay)"))
+                                THREE_TIMES, Check(lambda v: min(v) > 0, "standard deviations must be > 0"), fixed=True)
+    cfg_scale: float = opt(1.0, "training guidance scale w (> 1 enables guided targets)", at_least(1), fixed=True)
+    mix_ratio: float = opt(1.0, "m: the guided target mixed with the model's own prediction", UNIT, fixed=True)
+    cfg_drop_rate: float = opt(0.0, "fraction of rows training the unconditional model", UNIT_OPEN, fixed=True)
+    cfg_decay_time: float = opt(1.0, "tau: guidance decays for t > tau", above(0, " (>= 1 disables the decay)"),
+                                fixed=True)
     l_schedule: str = opt("Exponent", "schedule of the consistency gap: Const | Linear | Cosine | Exponent, any case",
-                          Check(lambda v: v.lower() in L_SCHEDULES, "expected Const, Linear, Cosine or Exponent"))
-    l_init_ratio: float = opt(0.1, "the schedule's first gap ratio", UNIT)
-    l_end_ratio: float = opt(0.002, "the schedule's last gap ratio", UNIT)
-    total_steps: int = opt(400000, "optimizer steps of the whole run", POSITIVE)
+                          Check(lambda v: v.lower() in L_SCHEDULES, "expected Const, Linear, Cosine or Exponent"),
+                          fixed=True)
+    l_init_ratio: float = opt(0.1, "the schedule's first gap ratio", UNIT, fixed=True)
+    l_end_ratio: float = opt(0.002, "the schedule's last gap ratio", UNIT, fixed=True)
+    total_steps: int = opt(400000, "optimizer steps of the whole run", POSITIVE, fixed=True)
     ema_decay_rate: float = opt(0.9999, "EMA decay per step", UNIT_OPEN)
     learning_rate: float = opt(1e-4, "optimizer learning rate", above(0))
     betas: list[float] = opt([0.9, 0.99], "Adam betas", Check(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
                                                               "expected two numbers in [0, 1)"))
     weight_decay: float = opt(0.0, "optimizer weight decay", NON_NEGATIVE)
-    batch_size: int = opt(256, "global batch (all ranks, all micro-batches)", POSITIVE)
+    batch_size: int = opt(256, "global batch (all ranks, all micro-batches)", POSITIVE, fixed=True)
     num_workers: int = opt(0, "the reference's DataLoader workers; not used here (only 0 is accepted)", unused(0))
     prefetch_factor: int = opt(2, "the reference's DataLoader prefetch; not used here (only 2 is accepted)", unused(2))
     eval_steps: int = opt(0, "periodic FID every N steps (0 = off; needs eval_fid_reference and eval_inception)")
@@ -133,34 +139,50 @@ class TrainConfig:
         lambda v: len(v) == 2 and min(v) >= 1, "expected [rows, columns], both >= 1"))
     logging_steps: int = opt(100, "a metrics.jsonl record every N steps", POSITIVE)
     ckpt_saving_steps: int = opt(25000, "a checkpoint every N steps", POSITIVE)
-    seed: int = opt(42, "seed of initialization, data order and noise")
+    seed: int = opt(42, "seed of initialization, data order and noise", fixed=True)
     # --- ours ------------------------------------------------------------------------------------
     eval_num_samples: int = opt(10000, "samples per periodic FID", at_least(2))
     eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`)")
     eval_inception: str = opt("", "LOCAL Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth)")
     eval_vae: str = opt("", "LOCAL AutoencoderKL folder to decode latents for the FID")
     num_classes: Optional[int] = opt(None, "label classes (null = from the dataset: digits 10, Imagenet 1000, "
-                                           "CIFAR10 0)", NON_NEGATIVE)
-    hidden_size: Optional[int] = opt(None, "override of the size table's width (small custom models)")
-    depth: Optional[int] = opt(None, "override of the size table's number of blocks")
-    num_heads: Optional[int] = opt(None, "override of the size table's attention heads")
-    patch_size: Optional[int] = opt(None, "override of the size table's patch size")
+                                           "CIFAR10 0)", NON_NEGATIVE, fixed=True)
+    hidden_size: Optional[int] = opt(None, "override of the size table's width (small custom models)", fixed=True)
+    depth: Optional[int] = opt(None, "override of the size table's number of blocks", fixed=True)
+    num_heads: Optional[int] = opt(None, "override of the size table's attention heads", fixed=True)
+    patch_size: Optional[int] = opt(None, "override of the size table's patch size", fixed=True)
     kernels: KernelMode = opt("eager", "op implementations: eager | triton | auto (per op, what kernels/choices.py "
                                        "measured faster on this device); eager by default (README, 'Measured')")
     precision: PrecisionMode = opt("auto", "auto (bf16-secant on CUDA, fp32 elsewhere) | fp32 (+TF32 on GPUs) | bf16 "
                                            "| bf16-split | bf16-secant (soflow_fast/precision.py); a bf16 mode on a "
                                            "CPU runs the exact bf16 emulator")
     optimizer: OptimizerKind = opt("auto", "auto (radam for CIFAR10, as the reference; else adamw) | adamw | radam | "
-                                           "fused_adamw_ema (csrc extension) | apex")
+                                           "fused_adamw_ema (csrc extension) | apex", fixed=True)
     ema_every: int = opt(0, "EMA every N steps with decay^N in float64 (0 = auto: 16 for CIFAR10, else 1)",
                          NON_NEGATIVE)
     augment_p: Optional[float] = opt(None, "EDM augmentation probability (null = auto: 0.12 for CIFAR10, else 0)",
-                                     UNIT)
+                                     UNIT, fixed=True)
     grad_clip: float = opt(0.0, "max gradient norm (0 = no clipping; the norm is logged either way)", NON_NEGATIVE)
     ema_warmup: bool = opt(False, "EMA decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs")
     on_nonfinite: OnNonfinite = opt("stop", "a non-finite loss or gradient's update is skipped on the device; stop "
                                             "raises at the next logging step or checkpoint, skip continues")
-    keep_checkpoints: int = opt(3, "most recent checkpoints kept (0 = all)")
+    max_consecutive_skips: int = opt(20, "on_nonfinite skip: stop (exit 1) once this many consecutive steps were "
+                                         "skipped, found at the next logging step or checkpoint (0 = never)",
+                                     NON_NEGATIVE)
+    save_every_minutes: float = opt(0.0, "also save a checkpoint whenever this many minutes have passed since the "
+                                         "last timed save (0 = off); SIGTERM/SIGINT/SIGUSR1 save and stop anyway",
+                                    NON_NEGATIVE)
+    resume_fallback: bool = opt(False, "a damaged newest checkpoint (CHECKSUMS.json): false stops naming the file; "
+                                       "true resumes from the newest intact one, with a warning")
+    resume_from: Union[int, str] = opt("", "resume from this step of the run, or this checkpoint directory, instead "
+                                           "of the newest ('' = the newest); newer checkpoints are moved to "
+                                           "ckpts/abandoned/; a requeue of the same command continues its own",
+                                       Check(lambda v: not isinstance(v, int) or v >= 0, "must be a step >= 0"))
+    init_from: str = opt("", "a new run starts from these weights (a consolidated .pt, e.g. from import-checkpoint, "
+                             "or a training checkpoint directory): the network and its EMA from the raw weights, a "
+                             "fresh optimizer, step 0; a run with checkpoints resumes from them instead", fixed=True)
+    keep_checkpoints: int = opt(3, "most recent checkpoints kept (0 = all); the newest one without skipped steps "
+                                   "since the checkpoint before it is kept too")
     quality_report: bool = opt(True, "digits: the classifier-based quality report at the end")
     device: Device = opt("auto", "auto (CUDA when available) | cpu | cuda")
     parallel: ParallelMode = opt("none", "none | ddp | fsdp (FSDP2: bf16 params/compute, fp32 reduction)")
@@ -256,6 +278,26 @@ class TrainConfig:
             raise bad("eval_vae", "FID of latent samples needs a local VAE folder to decode them")
         if self.resolved_optimizer == "fused_adamw_ema" and self.resolved_ema_every != 1:
             raise bad("optimizer", "fused_adamw_ema updates the EMA every step; set ema_every: 1")
+
+    def check_files(self) -> None:
+        """The files and folders the run will read exist, checked at start-up (not in validate: a config may be
+        written on another machine), so that a typo in a path used only at the first evaluation fails before the
+        first step, naming the key. Their contents are checked where they are read. init_from is checked when a new
+        run reads it (train.py): a resumed run never does."""
+        def need(key: str, is_dir: bool, inner: str = "") -> None:
+            path = Path(getattr(self, key))
+            found = path.is_dir() if is_dir else path.is_file()
+            if not found or (inner and not (path / inner).is_file()):
+                what = (f"a folder without {inner}" if found else "no such folder") if is_dir else "no such file"
+                raise ConfigError(f"config: {key} = {str(path)!r}: {what}")
+
+        if self.dataset_type != "digits" and self.dataset_path:
+            need("dataset_path", is_dir=True)
+        if self.eval_steps and self.eval_fid_reference:  # what the periodic FID reads (evaluation/periodic.py)
+            need("eval_fid_reference", is_dir=False)
+            need("eval_inception", is_dir=False)
+            if self.eval_vae:
+                need("eval_vae", is_dir=True, inner="config.json")
 
 
 @functools.cache

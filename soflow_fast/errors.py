@@ -1,5 +1,6 @@
 """UserError: a mistake in what the user gave (a flag, a config key, a file). The CLI prints its message as one line
-and exits with status 2; any other exception is a bug and keeps its traceback."""
+and exits with status 2. RunFailed: a run that cannot go on (a diverged run); one line and status 1. Any other
+exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,10 @@ from typing import Iterator
 
 class UserError(Exception):
     """Bad user input; the message names the flag, key or file at fault."""
+
+
+class RunFailed(Exception):
+    """A run stopped because it cannot go on (not a bug, not bad input); the message says why and what to do."""
 
 
 @contextlib.contextmanager

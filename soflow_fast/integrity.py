@@ -11,13 +11,10 @@ Cost: SHA-256 runs at about 1-2 GB/s per core; the files are hashed on `workers`
 a DiT-XL/2 checkpoint (model, EMA and AdamW state in fp32, about 11 GB) adds seconds to a save and to a resume, not
 minutes. The save cost also counts against SLURM's warning time on a signal (docs/cluster.md).
 
-Intended call sites:
-- checkpoint.save_training_checkpoint, rank 0, after meta.pt is written and before `os.replace(tmp, directory)`:
-      write_checksums(tmp)
-- Trainer._resume, instead of ckpt_io.latest_checkpoint (rank 0 chooses, then broadcasts the path to all ranks):
-      path = resume_checkpoint(self.run_dir, fallback=cfg.resume_fallback)
-- checkpoint.consolidate (export, sample), before reading a training checkpoint directory:
-      verify_checksums(path)
+Call sites: checkpoint.save_training_checkpoint (rank 0, after meta.pt, before the rename that completes the
+checkpoint: write_checksums); resume.choose_checkpoint (rank 0 chooses, then every rank learns the path:
+resume_checkpoint, or verify_or_warn of a resume_from); checkpoint.consolidate (export, sample, init_from:
+verify_or_warn).
 """
 from __future__ import annotations
 
@@ -94,6 +91,12 @@ def verify_checksums(directory: str | os.PathLike, workers: int = WORKERS) -> bo
     return True
 
 
+def verify_or_warn(directory: str | os.PathLike) -> None:
+    """verify_checksums, with a warning (not an error) for a checkpoint written before checksums existed."""
+    if not verify_checksums(directory):
+        log.warning("checkpoint %s has no %s (written before checksums): loading it unverified", directory, CHECKSUMS)
+
+
 def resume_checkpoint(run_dir: str | os.PathLike, fallback: bool = False) -> Optional[Path]:
     """The checkpoint a run resumes from: its newest, verified; None when it has none.
 
@@ -104,9 +107,7 @@ def resume_checkpoint(run_dir: str | os.PathLike, fallback: bool = False) -> Opt
     damaged = []
     for path in reversed(found):
         try:
-            if not verify_checksums(path):
-                log.warning("checkpoint %s has no %s (written before checksums): loading it unverified", path,
-                            CHECKSUMS)
+            verify_or_warn(path)
             return path
         except ChecksumError as e:
             if not fallback:

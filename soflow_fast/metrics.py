@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .errors import RunFailed
+from .fileio import atomic_open
 from .parallel import DistInfo, all_reduce_mean
 
 log = logging.getLogger("soflow_fast")
@@ -28,8 +30,9 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, 
                     "A10": 125.0, "L4": 121.0}
 
 
-class NonFiniteError(RuntimeError):
-    """A step produced a non-finite loss or gradient (and on_nonfinite is 'stop')."""
+class NonFiniteError(RunFailed, RuntimeError):
+    """A step produced a non-finite loss or gradient (on_nonfinite 'stop'), or max_consecutive_skips steps in a row
+    did (on_nonfinite 'skip')."""
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> Optional[float]:
@@ -55,14 +58,17 @@ class DeviceStats:
     """Step statistics summed on the device between host reads, so that a step never waits for the device.
 
     A step adds its statistics unless its flag `found_inf` is set; such a step is counted instead, and the first one's
-    step number, (rank-averaged) loss and gradient norm kept for the message. Sums are fp64: the values are fp32.
+    step number, (rank-averaged) loss and gradient norm kept for the message, with the longest run of consecutive
+    skipped steps (max_consecutive_skips). Sums are fp64: the values are fp32.
     """
 
     def __init__(self, device: torch.device):
         self.keys: list[str] = []
         self.sums: Optional[Tensor] = None  # [len(keys)]: sums over the finite steps since the last take_window
         self.finite = torch.zeros((), dtype=torch.float64, device=device)
-        self.bad = torch.zeros(4, dtype=torch.float64, device=device)  # count, then the first's step, loss, |g|
+        # count, then the first's step, loss, |g|, then the longest run of consecutive skips ending in this window
+        self.bad = torch.zeros(5, dtype=torch.float64, device=device)
+        self.streak = torch.zeros((), dtype=torch.float64, device=device)  # consecutive skips up to the last step
 
     def add(self, keys: list[str], values: Tensor, found_inf: Tensor, check: Tensor, step: int) -> None:
         """values [len(keys)]: one step's statistics; check: [loss, grad norm] as tested for finiteness; step: the
@@ -75,8 +81,10 @@ class DeviceStats:
         self.finite += 1 - found_inf
         first = skip & (self.bad[0] == 0)
         self.bad[1] = torch.where(first, float(step), self.bad[1])
-        self.bad[2:] = torch.where(first, check.double(), self.bad[2:])
+        self.bad[2:4] = torch.where(first, check.double(), self.bad[2:4])
         self.bad[0] += found_inf
+        self.streak.copy_((self.streak + 1) * found_inf)
+        self.bad[4] = torch.maximum(self.bad[4], self.streak)
 
     def take_window(self) -> tuple[dict[str, float], int]:
         """(mean of each statistic over the finite steps, averaged over ranks; their number) since the last call.
@@ -88,12 +96,13 @@ class DeviceStats:
         self.finite.zero_()
         return ({k: v / n for k, v in zip(self.keys, sums)} if n else {}), int(n)
 
-    def take_nonfinite(self) -> tuple[int, int, float, float]:
-        """(count, first step, its loss, its gradient norm) of the non-finite steps since the last call (a host read;
-        the same on every rank: the flag is decided on all-reduced values)."""
-        count, step, loss, grad_norm = self.bad.tolist()
+    def take_nonfinite(self) -> tuple[int, int, float, float, int]:
+        """(count, first step, its loss, its gradient norm, the longest run of consecutive ones) of the non-finite
+        steps since the last call (a host read; the same on every rank: the flag is decided on all-reduced values).
+        A run begun before the last call counts in full."""
+        count, step, loss, grad_norm, longest = self.bad.tolist()
         self.bad.zero_()
-        return int(count), int(step), loss, grad_norm
+        return int(count), int(step), loss, grad_norm, int(longest)
 
 
 class MetricsLogger:
@@ -110,11 +119,25 @@ class MetricsLogger:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
-    def take_nonfinite(self, step: int, stop: bool) -> None:
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step` (and a line cut short by a kill), rewriting the file atomically: a run that
+        starts at `step` logs the later steps again, and each step appears once. Rank 0."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) < len(lines):
+            with atomic_open(self.path, "w") as fh:
+                fh.writelines(kept)
+            log.info("%s: dropped %d record(s) after step %d, where this run starts", self.path, len(lines) - len(kept),
+                     step)
+
+    def take_nonfinite(self, step: int, stop: bool, max_consecutive: int = 0) -> None:
         """Add the non-finite steps since the last read (a host sync) to `skipped`; with `stop`, raise NonFiniteError
-        for the first. Their updates were skipped on the device, so they never touched the weights, the optimizer
-        state or the EMA; finite steps after them, up to this read, did update them."""
-        count, first, loss, grad_norm = self.stats.take_nonfinite()
+        for the first, and with max_consecutive > 0 once that many consecutive steps were skipped (a diverged run).
+        Their updates were skipped on the device, so they never touched the weights, the optimizer state or the EMA;
+        finite steps after them, up to this read, did update them."""
+        count, first, loss, grad_norm, longest = self.stats.take_nonfinite()
         if not count:
             return
         self.skipped += count
@@ -123,6 +146,12 @@ class MetricsLogger:
             raise NonFiniteError(f"{what} ({loss}); the weights were not updated by it (skipped on the device; found "
                                  f"at step {step}, {count} non-finite step(s) since the last check). "
                                  "Lower learning_rate, set grad_clip, or set on_nonfinite: skip")
+        if max_consecutive and longest >= max_consecutive:
+            raise NonFiniteError(f"diverged: {longest} consecutive steps were non-finite up to step {step} "
+                                 f"(max_consecutive_skips = {max_consecutive}; the first since the last check: "
+                                 f"{what}). "
+                                 "The newest checkpoint without skipped steps is kept: resume from it (resume_from) "
+                                 "with a lower learning_rate or a grad_clip")
         log.warning("%s: step skipped (%d non-finite step(s) skipped up to step %d)", what, count, step)
 
     def log(self, step: int, elapsed: float, lr: float) -> Optional[dict]:
@@ -155,6 +184,14 @@ class MetricsLogger:
                  rec.get("weight_c", nan), rec.get("grad_norm", nan), rec["images_per_s"], tflops or nan,
                  f" (MFU {rec['mfu']:.1%})" if rec["mfu"] else "", peak_mem)
         return rec
+
+
+def _record_step(line: str) -> float:
+    """A metrics.jsonl line's step; infinite for a line that is not a whole record (cut short by a kill)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def progress_bar(start: int, end: int, enabled: bool) -> Callable[[Optional[int], Optional[float]], None]:

@@ -193,18 +193,34 @@ def barrier() -> None:
 _host_group: Optional[tuple[object, object]] = None  # (the default group it was made for, a gloo group)
 
 
+def _host_group_of_world() -> object:
+    """A gloo group over all ranks (made at the first call, for each new default group: tests make several), for
+    host-side collectives that must not wait for the device."""
+    global _host_group
+    world = dist.group.WORLD
+    if _host_group is None or _host_group[0] is not world:
+        _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _host_group[1]
+
+
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Collective: each flag OR-ed over all ranks (unchanged on one process).
 
     Reduced as CPU tensors over gloo (a gloo group beside NCCL, made at the first call), so it never waits for the
     device: its cost is one small host-to-host round trip (tens of microseconds on one node, about a millisecond
     across nodes) plus the wait for the slowest rank's host to reach it."""
-    global _host_group
     if not (dist.is_available() and dist.is_initialized()):
         return tuple(bool(f) for f in flags)
-    world = dist.group.WORLD
-    if _host_group is None or _host_group[0] is not world:  # a new process group (tests make several)
-        _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
     values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group[1])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group_of_world())
     return tuple(bool(v) for v in values.tolist())
+
+
+def from_main(value: object) -> object:
+    """Collective: rank 0's `value` on every rank (unchanged on one process); a small picklable object of our own
+    (never user data), sent over the host group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_host_group_of_world())
+    return box[0]

@@ -34,6 +34,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
 from .parallel import any_rank
 
 log = logging.getLogger("soflow_fast")
@@ -41,7 +42,7 @@ log = logging.getLogger("soflow_fast")
 LOCK_NAME = "run.lock"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UserError, RuntimeError):
     """The run directory is held by another trainer, or cannot be locked; the message says which and what to do."""
 
 

@@ -7,12 +7,14 @@ seeded by (seed, step, micro-batch index), so a run is reproducible, and resumab
 
 `Trainer` wires the components (docs/architecture.md): the data (data/build.py), the network and its parallelism
 (models/, parallel.py), the EMA (ema.py), the optimizer (optim.py), metrics (metrics.py), evaluation
-(evaluation/periodic.py) and checkpoints (checkpoint.py); it owns only `train_step` and `fit`.
+(evaluation/periodic.py), checkpoints (checkpoint.py), where a run starts (resume.py: the checkpoint, config changes,
+init_from) and stop requests (signals.py); it owns only `train_step` and `fit`.
 
 A step never waits for the device (no host read of a device value; the EDM augmentation, data/augment.py, excepted),
 so the host can queue steps ahead of the GPU. A non-finite loss or gradient norm sets a device flag that makes that
 step's optimizer and EMA updates no-ops; the statistics and the count of such steps are summed on the device and read
-only at logging steps and saves, where on_nonfinite 'stop' raises (metrics.py: `DeviceStats`, `NonFiniteError`).
+only at logging steps and saves, where on_nonfinite 'stop', or max_consecutive_skips consecutive skipped steps, raise
+(metrics.py: `DeviceStats`, `NonFiniteError`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import yaml
 from torch import Tensor
 
 from .attention import attention_for_model
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, check_same_model, consolidate, load_state_strict, read_meta
 from .config import ConfigError, TrainConfig
 from .data.augment import AugmentConfig, AugmentPipe
 from .data.build import build_data
@@ -42,6 +44,8 @@ from .optim import build_optimizer, optimizer_backends
 from .parallel import (all_reduce_mean, check_cuda_graphs, compile_backend, full_tensor, init_distributed, parallelize,
                        resolve_compile)
 from .precision import emulated, numerics, resolve_precision
+from .resume import config_changes, group_settings, plan_start, restore_group_settings, set_aside_newer
+from .signals import GracefulStop
 from .step import compiled_loss, draw_noise, is_stochastic, soflow_loss
 
 log = logging.getLogger("soflow_fast")
@@ -66,6 +70,11 @@ class Trainer:
             raise ConfigError(f"config: micro_batch_size = {cfg.micro_batch_size} does not divide the per-rank "
                               f"batch {local} (batch_size {cfg.batch_size} / world size {W})")
         self.accum = local // self.micro
+        cfg.check_files()  # a path read only at the first evaluation fails now, not after hours of steps
+        resume_path = plan_start(cfg, self.run_dir, self.dist.is_main)
+        meta = read_meta(resume_path) if resume_path else None
+        changes = config_changes(meta.get("config", {}), cfg, f"checkpoint {resume_path}") if meta else []
+        init = None if resume_path or not cfg.init_from else _read_init(cfg.init_from)
         try:
             self.precision = resolve_precision(cfg.precision, self.device, secant=cfg.model_type.startswith("DiT"))
             self.compile = resolve_compile(cfg.compile, self.device)
@@ -90,6 +99,12 @@ class Trainer:
                                num_classes=data.num_classes, null_class=cfg.cfg_drop_rate > 0, kernels=cfg.kernels,
                                device=self.device, attention=self.attention.fn, **overrides)
         self.kernel_ops = kernel_ops_for(self.net.cfg.kernels, self.device.type)  # the loss functions
+        if init is not None:  # before the EMA copies the weights and the parallel wrappers shard them
+            source = f"config: init_from = {cfg.init_from!r}"
+            check_same_model(source, init["model_config"], describe(self.net))
+            load_state_strict(self.net, init["model"], source)
+            log.info("init_from %s: the raw weights of step %d (the EMA starts from them; a fresh optimizer; step 0)",
+                     cfg.init_from, init["step"])
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
@@ -135,10 +150,23 @@ class Trainer:
                                    self.metrics)
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints, self.dist.is_main)
         self.step = 0
-        meta = self.checkpointer.resume(self.model, self.optimizer, self.ema.state_dict(), describe(self.net))
-        if meta is not None:
-            self.step, self.metrics.skipped = int(meta["step"]), int(meta.get("skipped", 0))
-            self.loader.load_state_dict(meta["data"])
+        if resume_path is not None:
+            self._resume(resume_path, meta, changes)
+        self._skipped_at_save = self.skipped  # a checkpoint is clean when no step was skipped since the last one
+        if self.dist.is_main:
+            self.metrics.keep_until(self.step)  # the steps after it are logged again by this run
+
+    def _resume(self, path: Path, meta: dict, changes: list[str]) -> None:
+        """Collective: load the checkpoint `path` (resume.plan_start) and apply the config's changes (resume.py)."""
+        if self.dist.is_main:
+            set_aside_newer(self.run_dir, int(meta["step"]))
+            for change in changes:
+                log.info("resume: %s", change)
+        settings = group_settings(self.optimizer)  # the config's learning rate, betas, ...
+        self.checkpointer.resume(path, self.model, self.optimizer, self.ema.state_dict(), describe(self.net))
+        restore_group_settings(self.optimizer, settings)  # ... over the saved ones
+        self.step, self.metrics.skipped = int(meta["step"]), int(meta.get("skipped", 0))
+        self.loader.load_state_dict(meta["data"])
 
     def ema_module(self) -> torch.nn.Module:
         """A plain network holding the whole EMA weights (collective under FSDP: every rank must call it)."""
@@ -147,7 +175,8 @@ class Trainer:
     def save(self) -> Path:
         """Collective: a checkpoint of this step (every rank writes its shards)."""
         self._take_nonfinite()  # the meta's skipped count; a sync point anyway
-        meta = {"step": self.step, "skipped": self.skipped, "data": self.loader.state_dict(),
+        clean, self._skipped_at_save = self.skipped == self._skipped_at_save, self.skipped
+        meta = {"step": self.step, "skipped": self.skipped, "clean": clean, "data": self.loader.state_dict(),
                 "config": self.cfg.to_dict(), "model_config": describe(self.net), "world_size": self.dist.world_size,
                 "flow": {"noising": self.flow.noising, "coefficient": self.flow.coefficient}}
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.ema.state_dict(), meta)
@@ -201,11 +230,16 @@ class Trainer:
 
     def _take_nonfinite(self) -> None:
         """Read the non-finite steps since the last read (a host sync: at logging steps and saves); with
-        on_nonfinite 'stop', raise NonFiniteError (metrics.MetricsLogger.take_nonfinite)."""
-        self.metrics.take_nonfinite(self.step, stop=self.cfg.on_nonfinite == "stop")
+        on_nonfinite 'stop', or max_consecutive_skips reached, raise NonFiniteError (metrics.MetricsLogger)."""
+        self.metrics.take_nonfinite(self.step, stop=self.cfg.on_nonfinite == "stop",
+                                    max_consecutive=self.cfg.max_consecutive_skips)
 
-    def fit(self, max_steps: Optional[int] = None, progress: bool = True) -> None:
-        """Train to total_steps (or max_steps); ends with the digits quality report once total_steps is reached."""
+    def fit(self, max_steps: Optional[int] = None, progress: bool = True) -> bool:
+        """Train to total_steps (or max_steps); ends with the digits quality report once total_steps is reached.
+
+        SIGTERM, SIGINT or SIGUSR1 (signals.py) save a checkpoint at the next step boundary the ranks agree on and
+        end the loop: then it returns True (the CLI exits with signals.EXIT_STOPPED), else False. A step's checkpoint
+        is written before its evaluation, so a failing evaluation loses no steps."""
         cfg = self.cfg
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.dist.is_main:
@@ -213,24 +247,32 @@ class Trainer:
         bar = progress_bar(self.step, end, progress and self.dist.is_main)
         loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
         compiling = self.compile != "none" and self.dist.is_main  # the first step traces and compiles each call
-        while self.step < end:
-            x0, y = self.loader.next()
-            t_step = time.perf_counter()
-            self.train_step(x0, y)
-            if compiling:  # tracing and compiling run on the host, so host time measures them
-                log.info("compiled in %.1f s (compile %s; the first step, compiling included)", time.perf_counter()
-                         - t_step, self.compile)
-                compiling = False
-            if self.step % cfg.logging_steps == 0 or self.step == end:
-                self._take_nonfinite()
-                rec = self.metrics.log(self.step, time.perf_counter() - t0, self.optimizer.param_groups[0]["lr"])
-                loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()
-            bar(self.step, loss)
-            self.evaluator.after_step(self.step)
-            if self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
-                self.save()
+        with GracefulStop(save_minutes=cfg.save_every_minutes) as stop:
+            while self.step < end:
+                x0, y = self.loader.next()
+                t_step = time.perf_counter()
+                self.train_step(x0, y)
+                if compiling:  # tracing and compiling run on the host, so host time measures them
+                    log.info("compiled in %.1f s (compile %s; the first step, compiling included)",
+                             time.perf_counter() - t_step, self.compile)
+                    compiling = False
+                at = stop.at_step(self.step)  # collective on check steps under torchrun
+                if self.step % cfg.logging_steps == 0 or self.step == end or at.stop:
+                    self._take_nonfinite()
+                    rec = self.metrics.log(self.step, time.perf_counter() - t0, self.optimizer.param_groups[0]["lr"])
+                    loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()
+                bar(self.step, loss)
+                if at.save or self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
+                    self.save()
+                if at.stop:
+                    bar(None, None)
+                    log.info("stopped on request (%s) at step %d, checkpoint saved: the same command resumes it",
+                             stop.received or "another rank's signal", self.step)
+                    return True
+                self.evaluator.after_step(self.step)
         bar(None, None)
         self.evaluator.at_end(self.step)
+        return False
 
     def _log_start(self, end: int) -> None:
         """The run directory, its config.yaml, and what this run resolved to."""
@@ -248,3 +290,10 @@ class Trainer:
                  self.attention.name, self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                  cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
 
+
+def _read_init(path: str) -> dict:
+    """init_from's consolidated weights (a .pt file or a training checkpoint directory), errors naming the key."""
+    try:
+        return consolidate(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config: init_from = {path!r}: {e}") from None

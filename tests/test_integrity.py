@@ -12,10 +12,17 @@ from soflow_fast.integrity import CHECKSUMS, ChecksumError, resume_checkpoint, v
 def save(run_dir, step, checksums=True):
     directory = ckpt_io.checkpoint_dir(run_dir, step)
     state = {"model": {"w": torch.full((64, 64), float(step)), "b": torch.arange(7.0)}}
-    ckpt_io.save_training_checkpoint(directory, state, {"step": step}, is_main=True)
-    if checksums:
-        write_checksums(directory)
+    ckpt_io.save_training_checkpoint(directory, state, {"step": step}, is_main=True)  # writes CHECKSUMS.json
+    if not checksums:  # a checkpoint written before checksums existed
+        (directory / CHECKSUMS).unlink()
     return directory
+
+
+def test_save_writes_checksums_that_match(tmp_path):
+    directory = save(tmp_path, 3)
+    before = (directory / CHECKSUMS).read_text()
+    write_checksums(directory)
+    assert (directory / CHECKSUMS).read_text() == before
 
 
 def flip_byte(path, offset=None):

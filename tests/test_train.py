@@ -93,10 +93,13 @@ def test_checkpoints_are_atomic_pruned_and_validated(tmp_path):
     assert meta["step"] == 9 and meta["data"]["epoch"] >= 0 and meta["world_size"] == 1
     # an unfinished save (a .tmp directory) is ignored; the run resumes from the last complete checkpoint
     (tmp_path / "run" / "ckpts" / "step_00000012.tmp").mkdir()
-    assert make(tmp_path, total_steps=12, keep_checkpoints=2).step == 9
+    assert make(tmp_path, total_steps=9, keep_checkpoints=2).step == 9  # (total_steps is fixed for a run: resume.py)
     # a damaged shard file is a clear error naming the checkpoint, not a silent restart
     shard = next(last.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"step_00000009: file {shard.name} is damaged"):  # its CHECKSUMS.json
+        make(tmp_path, total_steps=9, keep_checkpoints=2)
+    (last / "CHECKSUMS.json").unlink()  # as written before checksums: the loader's own checks remain
     with pytest.raises(ValueError, match="step_00000009"):
         make(tmp_path, total_steps=9, keep_checkpoints=2)
     # a foreign meta file
