@@ -101,8 +101,11 @@ class Trainer:
         self.kernel_ops = kernel_ops_for(self.net.cfg.kernels, self.device.type)  # the loss functions
         if init is not None:  # before the EMA copies the weights and the parallel wrappers shard them
             source = f"config: init_from = {cfg.init_from!r}"
-            check_same_model(source, init["model_config"], describe(self.net))
-            load_state_strict(self.net, init["model"], source)
+            try:
+                check_same_model(source, init["model_config"], describe(self.net))
+                load_state_strict(self.net, init["model"], source)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(e.args[0]) from None
             log.info("init_from %s: the raw weights of step %d (the EMA starts from them; a fresh optimizer; step 0)",
                      cfg.init_from, init["step"])
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
