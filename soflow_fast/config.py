@@ -375,7 +375,8 @@ def config_help() -> str:
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         lines.append(f"{f.name}: {_type_name(_hints()[f.name], choices=True)} = {json.dumps(default)}")
-        lines += textwrap.wrap(f.metadata["doc"], 116, initial_indent="    ", subsequent_indent="    ")
+        doc = f.metadata["doc"] + (" [fixed for a run: a resume refuses a change]" if f.metadata["fixed"] else "")
+        lines += textwrap.wrap(doc, 116, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines)
 
 

@@ -16,11 +16,9 @@ The file is created with O_CREAT | O_EXCL, atomic on local and network filesyste
 together cannot both create it. A takeover rewrites the record in place while holding the flock, and only the flock
 holder ever unlinks the file, so the file at the path is always the one whose flock decides.
 
-Intended call site (the CLI's `train`, before the Trainer is built, so that nothing reads or writes the run
-directory unlocked; under torchrun rank 0 takes the lock and every rank learns the outcome, so all exit together):
-
-    with RunLock(run_dir, is_main=dist.is_main):   # RunLockError (one line) on every rank when it is held
-        trainer = Trainer(cfg, run_dir); trainer.fit(...)
+Call site: the CLI's `train` (cli.py), before the Trainer is built, so that nothing reads or writes the run directory
+unlocked; under torchrun rank 0 takes the lock and every rank learns the outcome, so all exit together. RunLockError
+is a UserError: one line, exit status 2.
 """
 from __future__ import annotations
 

@@ -24,17 +24,9 @@ one-line errors): the two a requeue must not repeat. Under torchrun the agent's 
 signalled, whatever the workers returned; the sbatch script (docs/slurm/train.sbatch) decides from the signal it
 forwarded instead.
 
-Intended call sites (the trainer's fit loop; the handlers must be installed from the main thread):
-
-    with GracefulStop(save_minutes=cfg.save_every_minutes) as stop:
-        while self.step < end:
-            ...one step, logging, demo grid...
-            at = stop.at_step(self.step)                       # collective on check steps
-            if at.save or self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
-                self.save()                                    # before any evaluation of this step
-            if at.stop:
-                return EXIT_STOPPED                            # cli's `train` returns it as the exit code
-            ...periodic evaluation...
+Call site: Trainer.fit (train.py; the handlers must be installed from the main thread). After each step it calls
+`at_step`; on `save` it saves (before that step's evaluation), on `stop` it returns True, and the CLI's `train`
+exits with EXIT_STOPPED.
 """
 from __future__ import annotations
 

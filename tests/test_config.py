@@ -209,6 +209,7 @@ def test_help_config_lists_every_key_with_type_default_and_doc(capsys):
     assert 'kernels: auto | triton | eager = "eager"\n' in out
     assert "num_classes: int or null = null\n" in out
     assert 'reshard_after_forward: bool or auto = "auto"\n' in out
+    assert "seed: int = 42\n    seed of initialization, data order and noise [fixed for a run: a resume" in out
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["doc"], f.name
         assert f"\n{f.name}: " in "\n" + out

@@ -100,7 +100,7 @@ def test_second_trainer_on_a_run_directory_exits_naming_the_holder(tmp_path):
 
 
 def test_sigusr1_in_process_saves_and_fit_reports_the_stop(tmp_path, monkeypatch):
-    tr = make(tmp_path, total_steps=50, ckpt_saving_steps=50)
+    tr = make(tmp_path, total_steps=50, ckpt_saving_steps=50, logging_steps=10)
     real = tr.train_step
 
     def step_then_signal(*a):
@@ -112,6 +112,7 @@ def test_sigusr1_in_process_saves_and_fit_reports_the_stop(tmp_path, monkeypatch
     monkeypatch.setattr(tr, "train_step", step_then_signal)
     assert tr.fit(progress=False) is True
     assert tr.step == 4 and steps_of(tmp_path / "run") == [4]
+    assert [r["step"] for r in records(tmp_path / "run")] == [4]  # the window up to the stop is logged
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored after fit
 
 
