@@ -168,7 +168,8 @@ class TrainConfig:
                                 NON_NEGATIVE)
     activation_checkpointing: bool = opt(False, "recompute each DiT block in the backward")
     compile: CompileMode = opt("auto", "auto (model on CUDA, none elsewhere) | none | blocks (each DiT block) | model "
-                                       "(the whole network; per block under FSDP)")
+                                       "(the whole network; per block under FSDP) | step (the whole loss of a step, "
+                                       "its three calls and the loss math, one graph; one process, no dropout)")
     reshard_after_forward: Union[bool, Literal["auto"]] = opt(
         "auto", "FSDP2 blocks free their gathered weights after each forward: auto (false on one node, <= 8 ranks; "
                 "true beyond) | true | false")
@@ -177,8 +178,9 @@ class TrainConfig:
                                            "this GPU, soflow_fast/attention_table.json; without one flash-attn when "
                                            "usable, else sdpa) | sdpa | flash-attn | cudnn | flash | efficient | math "
                                            "(that SDPA backend forced)")
-    cuda_graphs: bool = opt(False, "UNTESTED ON A GPU: torch.compile(mode='reduce-overhead') of the network with a "
-                                   "capturable optimizer; needs compile model (or auto) on CUDA")
+    cuda_graphs: bool = opt(False, "UNTESTED ON A GPU: torch.compile(mode='reduce-overhead') of the network (or of "
+                                   "the step) with a capturable optimizer; needs compile model (or auto) or step on "
+                                   "CUDA")
 
     # ---------------------------------------------------------------------------------------------
     @property
