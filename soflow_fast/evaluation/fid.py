@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..fileio import atomic_open
 from .frechet import frechet_distance, gaussian_stats
@@ -178,17 +179,6 @@ def _full_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar when tqdm is installed and wanted; otherwise nothing (the result is the same)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
 @torch.no_grad()
 def extract_features(batches: Iterable[ImageBatch], extractor: Callable[[Tensor], InceptionFeatures],
                      total: Optional[int] = None, desc: str = "features", progress: bool = False) -> Features:
@@ -196,7 +186,8 @@ def extract_features(batches: Iterable[ImageBatch], extractor: Callable[[Tensor]
     device = next(extractor.parameters()).device if isinstance(extractor, torch.nn.Module) else torch.device("cpu")
     parts: list[InceptionFeatures] = []
     # Autocast off too: the trainer may call this from inside its bf16 region, and the graph's numbers are fp32.
-    with _full_fp32(), torch.autocast(device.type, enabled=False), _progress(total or 0, desc, progress) as bar:
+    with _full_fp32(), torch.autocast(device.type, enabled=False), \
+            tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not progress) as bar:
         for batch in batches:
             x = torch.as_tensor(batch)
             _check_images(tuple(x.shape), np.dtype(np.uint8) if x.dtype == torch.uint8 else x.dtype,
@@ -206,8 +197,7 @@ def extract_features(batches: Iterable[ImageBatch], extractor: Callable[[Tensor]
                 x = x.expand(-1, 3, -1, -1)  # grayscale as RGB, as PIL's convert("RGB") would
             out = extractor(x)
             parts.append(InceptionFeatures(*(t.float().cpu() for t in out)))
-            if bar is not None:
-                bar.update(x.shape[0])
+            bar.update(x.shape[0])
     if not parts:
         raise ValueError(f"{desc}: no images")
     return Features(*(torch.cat(ts).numpy() for ts in zip(*parts)))
