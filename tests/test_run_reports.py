@@ -112,7 +112,8 @@ def test_memory_snapshot_refused_on_cpu_naming_the_key(tmp_path):
 
 def test_step_benchmark_profile_flags(tmp_path):
     def bench(*flags):
-        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), str(ROOT / "configs" / "digits.yaml"),
+        script, cfg = ROOT / "benchmarks" / "step.py", ROOT / "configs" / "digits.yaml"
+        return subprocess.run([sys.executable, str(script), str(cfg),
                                "--steps", "1", "--warmup", "0", "--batch-size", "8", "--set", "depth=1",
                                "--set", "hidden_size=32", "--set", "num_heads=2", "--profile-dir", str(tmp_path),
                                *flags], capture_output=True, text=True)
