@@ -261,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-heads", type=int, help="attention heads (default: from the size table)")
     i.set_defaults(func=_import)
 
-    ev = sub.add_parser("evaluate", help="FID, sFID and Inception Score of an .npz of samples (ADM evaluator numbers)",
+    ev = sub.add_parser("evaluate", help="FID, sFID, Inception Score, precision and recall of an .npz of samples "
+                                         "(ADM evaluator numbers)",
                         description="Score arr_0 (uint8 NHWC) of a samples .npz against a reference: an ADM reference "
-                                    "batch / statistics .npz (mu, sigma[, mu_s, sigma_s]; e.g. "
-                                    "VIRTUAL_imagenet256_labeled.npz), or real images (.npz arr_0 or a folder). Prints "
-                                    "one JSON line. Inception-v3 weights come from a local file; nothing is "
-                                    "downloaded.")
+                                    "batch / statistics .npz (mu, sigma[, mu_s, sigma_s, pool]; e.g. "
+                                    "VIRTUAL_imagenet256_labeled.npz), or real images (.npz arr_0 or a folder). "
+                                    "Precision and recall need the reference's pool features: from its images (an "
+                                    "ADM batch's arr_0) or a file saved with --save-ref-stats. Prints one JSON line. "
+                                    "Inception-v3 weights come from a local file; nothing is downloaded.")
     ev.add_argument("samples", nargs="?", help="samples .npz (arr_0: uint8 [N, H, W, 3])")
     ev.add_argument("--ref", required=True, help="reference: statistics .npz, images .npz, or a folder of images")
     ev.add_argument("--inception", required=True, metavar="WEIGHTS",
@@ -274,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "weights-inception-2015-12-05-6726825d.pth (torch-fidelity)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
-    ev.add_argument("--save-ref-stats", metavar="NPZ", help="also write the reference statistics (ADM layout) here")
+    ev.add_argument("--save-ref-stats", metavar="NPZ",
+                    help="also write the reference statistics (ADM layout, plus its pool features) here")
     ev.add_argument("--out", help="also write the JSON result to this file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
