@@ -16,7 +16,7 @@ from soflow_fast.config import TrainConfig
 from soflow_fast.data.imagefolder import BadImageError, BadImages, PixelLoader
 from soflow_fast.train import Trainer
 
-BAD = {"c0/1_garbage.jpg", "c1/2_truncated.jpg"}
+BAD = {"c0/4_garbage.jpg", "c1/2_truncated.jpg"}  # the first is its class's last
 
 
 def image_folder(root):
@@ -29,8 +29,8 @@ def image_folder(root):
             buf = io.BytesIO()
             Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=95)
             (root / f"c{c}" / f"{i}.jpg").write_bytes(buf.getvalue())
-    (root / "c0" / "1.jpg").rename(root / "c0" / "1_garbage.jpg")
-    (root / "c0" / "1_garbage.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    (root / "c0" / "4.jpg").unlink()
+    (root / "c0" / "4_garbage.jpg").write_bytes(np.random.default_rng(0).bytes(500))
     good = (root / "c1" / "2.jpg").read_bytes()
     (root / "c1" / "2.jpg").unlink()
     (root / "c1" / "2_truncated.jpg").write_bytes(good[:len(good) // 2])
@@ -63,6 +63,7 @@ def test_skip_reads_the_next_good_image_with_its_label(tmp_path, backend):
         j = i + 1  # the next file of the sorted list decodes in this folder
         row, sub = list(order).index(i), list(order).index(j)
         assert torch.equal(x[row], x[sub]) and y[row] == y[sub] == int(loader.files[j][1])
+    assert loader.files[loader.files.index("c0/4_garbage.jpg") + 1] == "c1/0.jpg"  # substituted across classes
     # a loader that knows the record substitutes without reading the files again, and gives the same batch
     again = PixelLoader(root, 8, 10, seed=0, backend=backend, bad_images=BadImages("skip", record))
     (x2, y2), = read_epoch(again)

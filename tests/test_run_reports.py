@@ -95,7 +95,7 @@ def test_profile_window_traces_exactly_its_steps(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     ({"profile_steps": [3, 2]}, "profile_steps = \\[3, 2\\]: expected \\[\\] or \\[start, end\\]"),
-    ({"profile_steps": [0, 2]}, "profile_steps"),
+    ({"profile_steps": [0, 2]}, "profile_steps = \\[0, 2\\]: expected \\[\\] or \\[start, end\\] with 1 <= start"),
     ({"memory_snapshot": True}, "memory_snapshot = True: the snapshot covers the profile_steps window"),
 ])
 def test_profile_config_errors(kw, match):
