@@ -148,7 +148,8 @@ class TrainConfig:
     seed: int = opt(42, "seed of initialization, data order and noise")
     # --- ours ------------------------------------------------------------------------------------
     eval_num_samples: int = opt(10000, "samples per periodic FID", at_least(2))
-    eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`)")
+    eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`, "
+                                      "whose pool features add precision and recall) or reference images")
     eval_inception: str = opt("", "LOCAL Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth)")
     eval_vae: str = opt("", "LOCAL AutoencoderKL folder to decode latents for the FID")
     num_classes: Optional[int] = opt(None, "label classes (null = from the dataset: digits 10, Imagenet 1000, "
