@@ -199,12 +199,18 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     Reduced as CPU tensors over gloo (a gloo group beside NCCL, made at the first call), so it never waits for the
     device: its cost is one small host-to-host round trip (tens of microseconds on one node, about a millisecond
     across nodes) plus the wait for the slowest rank's host to reach it."""
-    global _host_group
     if not (dist.is_available() and dist.is_initialized()):
         return tuple(bool(f) for f in flags)
+    values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=host_group())
+    return tuple(bool(v) for v in values.tolist())
+
+
+def host_group() -> object:
+    """Collective at its first call: a gloo group of all ranks (the default group itself when that is gloo), for
+    collectives of CPU tensors and objects that should not touch the device."""
+    global _host_group
     world = dist.group.WORLD
     if _host_group is None or _host_group[0] is not world:  # a new process group (tests make several)
         _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
-    values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group[1])
-    return tuple(bool(v) for v in values.tolist())
+    return _host_group[1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 import yaml
 from torch import Tensor
+from tqdm import tqdm
 
 from .attention import attention_for_model
 from .checkpoint import Checkpointer
@@ -36,12 +38,13 @@ from .evaluation.periodic import Evaluator
 from .fileio import atomic_open
 from .flow import derived_seed
 from .kernel_ops import kernel_ops_for
-from .metrics import MetricsLogger, peak_flops, progress_bar
+from .metrics import MetricsLogger, peak_flops
 from .models import build_model, describe
 from .optim import build_optimizer, optimizer_backends
 from .parallel import (all_reduce_mean, check_cuda_graphs, compile_backend, full_tensor, init_distributed, parallelize,
                        resolve_compile)
 from .precision import emulated, numerics, resolve_precision
+from .profiling import ProfileWindow
 from .step import compiled_loss, draw_noise, is_stochastic, soflow_loss
 
 log = logging.getLogger("soflow_fast")
@@ -81,7 +84,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
-        data = build_data(cfg, self.dist)
+        data = build_data(cfg, self.dist, self.run_dir)
         self.loader = data.loader
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}
@@ -130,7 +133,9 @@ class Trainer:
         guided = data.num_classes > 0 and self.hp.cfg_scale > 1
         flops = 2 * macs() * self.hp.forward_equivalents(self.micro, guided) * self.accum * W if macs else None
         self.metrics = MetricsLogger(self.run_dir, self.dist, cfg.batch_size, flops,
-                                     peak_flops(cfg, self.device, self.precision.any_bf16))
+                                     peak_flops(cfg, self.device, self.precision.any_bf16), cfg.tensorboard)
+        self.profiler = ProfileWindow(cfg.profile_steps, cfg.memory_snapshot, self.run_dir / "profile", self.device,
+                                      self.dist.rank, "config: memory_snapshot = true")
         self.evaluator = Evaluator(cfg, self.run_dir, self.dist, self.flow, self.precision, self.ema_module,
                                    self.metrics)
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints, self.dist.is_main)
@@ -210,13 +215,17 @@ class Trainer:
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.dist.is_main:
             self._log_start(end)
-        bar = progress_bar(self.step, end, progress and self.dist.is_main)
-        loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
+        # the bar shows the last logged loss (reading one per step would sync); redrawn rarely into a log file
+        bar = tqdm(total=end, initial=self.step, unit="step", disable=not (progress and self.dist.is_main),
+                   mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True)
+        t0 = time.perf_counter()
         compiling = self.compile != "none" and self.dist.is_main  # the first step traces and compiles each call
         while self.step < end:
+            self.profiler.begin(self.step + 1)
             x0, y = self.loader.next()
             t_step = time.perf_counter()
             self.train_step(x0, y)
+            self.profiler.end(self.step, last=self.step == end)
             if compiling:  # tracing and compiling run on the host, so host time measures them
                 log.info("compiled in %.1f s (compile %s; the first step, compiling included)", time.perf_counter()
                          - t_step, self.compile)
@@ -224,12 +233,14 @@ class Trainer:
             if self.step % cfg.logging_steps == 0 or self.step == end:
                 self._take_nonfinite()
                 rec = self.metrics.log(self.step, time.perf_counter() - t0, self.optimizer.param_groups[0]["lr"])
-                loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()
-            bar(self.step, loss)
+                t0 = time.perf_counter()
+                if rec and "loss" in rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            bar.update()
             self.evaluator.after_step(self.step)
             if self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
                 self.save()
-        bar(None, None)
+        bar.close()
         self.evaluator.at_end(self.step)
 
     def _log_start(self, end: int) -> None:
