@@ -2,6 +2,7 @@
 
     python benchmarks/step.py configs/digits.yaml [--batch-size N] [--steps 10] [--warmup 3] [--set key=value]
     python benchmarks/step.py configs/imagenet.yaml --host-path [--steps 30] [--compiled] [--set model_type=DiT-XL-2]
+    python benchmarks/step.py configs/imagenet.yaml --profile-steps 3 5 [--memory-snapshot] [--profile-dir DIR]
 
 A step = loss forward + backward + AdamW update. Model FLOPs are counted as docs/algorithm.md section 8 (forward
 MACs x 2 x
@@ -15,6 +16,10 @@ the Triton launches are recorded instead of run (benchmarks/kernels.py), so the 
 --compiled adds the eager-kernel network compiled whole (compile 'model') and the whole loss compiled as one graph
 (compile 'step'), inductor unless SOFLOW_COMPILE_BACKEND says otherwise (minutes to compile at XL/2's depth 28 on a
 CPU, so it is opt-in), timed in the same alternation.
+
+--profile-steps START END: after the table, three-call steps 1..END run again, START..END under torch.profiler
+(soflow_fast/profiling.py: a chrome trace per window in --profile-dir, default ./profile); --memory-snapshot adds a
+CUDA memory snapshot of the same steps (refused on a CPU).
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference_math  # noqa: E402  (the six-call transcription the parity tests use)
 
-from soflow_fast.config import load_config, parse_override  # noqa: E402
+from soflow_fast.config import PROFILE_WINDOW, load_config, parse_override  # noqa: E402
+from soflow_fast.errors import UserError  # noqa: E402
+from soflow_fast.profiling import ProfileWindow  # noqa: E402
 from soflow_fast.models import DIT_SIZES, UNET_SIZES, build_model, canonical_size  # noqa: E402
 from soflow_fast.step import compiled_loss, draw_noise, soflow_loss  # noqa: E402
 from soflow_fast.parallel import compile_backend, parallelize, resolve_device  # noqa: E402
@@ -124,12 +131,25 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--host-path", action="store_true", help="host time per step, eager vs Triton ops (CPU)")
     ap.add_argument("--compiled", action="store_true", help="--host-path: also compile model and step")
+    ap.add_argument("--profile-steps", type=int, nargs=2, default=[], metavar=("START", "END"),
+                    help="profile three-call steps START..END (inclusive, from 1) after the table")
+    ap.add_argument("--memory-snapshot", action="store_true", help="with --profile-steps: a CUDA memory snapshot")
+    ap.add_argument("--profile-dir", default="profile", help="where the trace and snapshot go (default ./profile)")
     args = ap.parse_args()
+    if not PROFILE_WINDOW.ok(args.profile_steps):
+        ap.error(f"--profile-steps {args.profile_steps}: {PROFILE_WINDOW.why}")
+    if args.memory_snapshot and not args.profile_steps:
+        ap.error("--memory-snapshot: the snapshot covers the --profile-steps window; give it too")
     overrides = dict(parse_override(s) for s in args.set)
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.device)
+    try:  # before the timing: a refused --memory-snapshot fails at once
+        window = ProfileWindow(args.profile_steps, args.memory_snapshot, Path(args.profile_dir), device,
+                               snapshot_name="--memory-snapshot")
+    except UserError as e:
+        ap.error(str(e))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -190,6 +210,14 @@ def main() -> None:
     print(f"speed-up of three-call over six-call: {rows[1][1] / rows[0][1]:.2f}x")
     if peak:
         print(f"fp32 matmul rate measured in this run (1024^3): {peak / 1e9:.1f} GFLOP/s")
+    if args.profile_steps:
+        last = args.profile_steps[1]
+        for n in range(1, last + 1):
+            window.begin(n)
+            three_call()
+            window.end(n, last=n == last)
+        print("profile of three-call steps " + "-".join(map(str, args.profile_steps)) + ": "
+              + ", ".join(map(str, window.written)))
 
 
 if __name__ == "__main__":

@@ -151,13 +151,18 @@ def load_consolidated(path: str | os.PathLike) -> dict:
 
 
 def consolidate(path: str | os.PathLike) -> dict:
-    """A consolidated checkpoint dict from either a .pt file or a training checkpoint directory (or run directory:
-    its latest checkpoint). Reads only model and EMA weights, whatever world size wrote them."""
+    """A consolidated checkpoint dict from a .pt file, a training checkpoint directory (or run directory: its latest
+    checkpoint), or a `export --format safetensors` folder (export.py: its one set of weights). Reads only model and
+    EMA weights, whatever world size wrote them."""
     path = Path(path)
     if path.is_file():
         return load_consolidated(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
+    from .export import is_safetensors_export, load_safetensors_export
+
+    if is_safetensors_export(path):
+        return load_safetensors_export(path)
     if not (path / META).exists():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -192,6 +197,8 @@ def model_from_checkpoint(ck: dict, weights: str = "ema", kernels: str = "eager"
     """Rebuild the network a consolidated checkpoint describes and load its EMA (default) or raw weights."""
     from .models import model_from_config
 
+    if weights not in ck:  # a safetensors export holds one set
+        raise ValueError(f"checkpoint: holds no {weights!r} weights, only {[k for k in ('ema', 'model') if k in ck]}")
     model = model_from_config(ck["model_config"], kernels, device)
     load_state_strict(model, ck[weights], f"checkpoint [{weights}]")
     return model.eval()

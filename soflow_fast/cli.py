@@ -61,6 +61,7 @@ def _check_output_dir(path: Path, what: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config, parse_override
+    from .metrics import run_log
     from .parallel import init_distributed
     from .runlock import RunLock
     from .signals import EXIT_STOPPED
@@ -72,10 +73,12 @@ def _train(args: argparse.Namespace) -> int:
         _check_output_dir(Path(args.run_dir), f"--run-dir {args.run_dir}")
     else:
         _check_output_dir(Path(cfg.working_dir), f"config {args.config}: working_dir = {cfg.working_dir!r}")
+    run_dir = Path(args.run_dir or cfg.working_dir)
     with user_errors(ValueError):  # device: cuda without a GPU
         dist = init_distributed(cfg.device)
-    # Held from before the run directory is read until the trainer is done: a second trainer stops at once.
-    with RunLock(args.run_dir or cfg.working_dir, is_main=dist.is_main):
+    # Held from before the run directory is read until the trainer is done: a second trainer stops at once, before
+    # it writes anything there (train.log included).
+    with RunLock(run_dir, is_main=dist.is_main), run_log(run_dir, enabled=dist.is_main):  # RUN_DIR/train.log
         with user_errors(*FILE_ERRORS):  # the data folder, and the run's checkpoint it resumes from
             trainer = Trainer(cfg, args.run_dir)
         stopped = trainer.fit(max_steps=args.max_steps, progress=not args.no_progress)  # + the digits report
@@ -126,9 +129,20 @@ def _import(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_save, consolidate
+    from .export import export_safetensors
 
+    if args.raw_weights and args.format == "pt":
+        raise UserError("--raw-weights: a .pt export keeps both the model and the EMA weights; the flag chooses the "
+                        "one set of --format safetensors")
+    if args.format == "safetensors":
+        _check_output_dir(Path(args.out), f"out {args.out}")
     with user_errors(*FILE_ERRORS):
         ck = consolidate(args.checkpoint)
+        if args.format == "safetensors":
+            weights = "model" if args.raw_weights else "ema"
+            export_safetensors(ck, args.out, weights)
+            print(f"exported step {ck['step']} ({weights} weights) -> {args.out}/model.safetensors + config.json")
+            return 0
     atomic_save(ck, args.out)
     print(f"exported step {ck['step']} (model and EMA weights, consolidated) -> {args.out}")
     return 0
@@ -220,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw samples from a soflow_fast checkpoint (EMA weights unless --raw-weights). "
                                    "Runs under torchrun (ranks take disjoint chunks), deterministic per seed whatever "
                                    "the world size, and resumable (finished chunks are kept and skipped).")
-    s.add_argument("checkpoint", help="a consolidated .pt, a training checkpoint directory, or a run directory "
-                                      "(its latest checkpoint)")
+    s.add_argument("checkpoint", help="a consolidated .pt, a safetensors export folder, a training checkpoint "
+                                      "directory, or a run directory (its latest checkpoint)")
     s.add_argument("--out", required=True, help="output folder for samples_<N>nfe.npz (arr_0: uint8 NHWC) and .png")
     s.add_argument("--num-samples", type=_positive_int, default=100, help="number of samples (default 100)")
     s.add_argument("--nfe", type=_positive_int, default=1, help="network evaluations per sample (default 1)")
@@ -235,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
     s.set_defaults(func=_sample)
 
-    e = sub.add_parser("export", help="consolidate a (sharded) training checkpoint into one .pt file",
+    e = sub.add_parser("export", help="consolidate a (sharded) training checkpoint into one .pt file, or safetensors",
                        description="Gather the model and EMA weights of a training checkpoint (any world size) into "
-                                   "a single-file checkpoint that `sample` reads.")
+                                   "a single-file checkpoint that `sample` reads; or, with --format safetensors, the "
+                                   "EMA weights (--raw-weights: the raw ones) as OUT/model.safetensors with "
+                                   "OUT/config.json, a folder that `sample` also reads.")
     e.add_argument("checkpoint", help="a training checkpoint directory, or a run directory (its latest checkpoint)")
-    e.add_argument("out", help="output .pt path")
+    e.add_argument("out", help="output .pt path (--format pt) or folder (--format safetensors)")
+    e.add_argument("--format", default="pt", choices=["pt", "safetensors"], help="output format (default pt)")
+    e.add_argument("--raw-weights", action="store_true", help="safetensors: the raw weights instead of the EMA")
     e.set_defaults(func=_export)
 
     i = sub.add_parser("import-checkpoint", help="convert a reference SoFlow checkpoint into ours",
@@ -253,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-heads", type=int, help="attention heads (default: from the size table)")
     i.set_defaults(func=_import)
 
-    ev = sub.add_parser("evaluate", help="FID, sFID and Inception Score of an .npz of samples (ADM evaluator numbers)",
+    ev = sub.add_parser("evaluate", help="FID, sFID, Inception Score, precision and recall of an .npz of samples "
+                                         "(ADM evaluator numbers)",
                         description="Score arr_0 (uint8 NHWC) of a samples .npz against a reference: an ADM reference "
-                                    "batch / statistics .npz (mu, sigma[, mu_s, sigma_s]; e.g. "
-                                    "VIRTUAL_imagenet256_labeled.npz), or real images (.npz arr_0 or a folder). Prints "
-                                    "one JSON line. Inception-v3 weights come from a local file; nothing is "
-                                    "downloaded.")
+                                    "batch / statistics .npz (mu, sigma[, mu_s, sigma_s, pool]; e.g. "
+                                    "VIRTUAL_imagenet256_labeled.npz), or real images (.npz arr_0 or a folder). "
+                                    "Precision and recall need the reference's pool features: from its images (an "
+                                    "ADM batch's arr_0) or a file saved with --save-ref-stats. Prints one JSON line. "
+                                    "Inception-v3 weights come from a local file; nothing is downloaded.")
     ev.add_argument("samples", nargs="?", help="samples .npz (arr_0: uint8 [N, H, W, 3])")
     ev.add_argument("--ref", required=True, help="reference: statistics .npz, images .npz, or a folder of images")
     ev.add_argument("--inception", required=True, metavar="WEIGHTS",
@@ -266,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "weights-inception-2015-12-05-6726825d.pth (torch-fidelity)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
-    ev.add_argument("--save-ref-stats", metavar="NPZ", help="also write the reference statistics (ADM layout) here")
+    ev.add_argument("--save-ref-stats", metavar="NPZ",
+                    help="also write the reference statistics (ADM layout, plus its pool features) here")
     ev.add_argument("--out", help="also write the JSON result to this file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)

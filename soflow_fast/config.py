@@ -40,6 +40,7 @@ KernelMode = Literal[KERNEL_MODES]
 PrecisionMode = Literal[PRECISIONS]
 OptimizerKind = Literal[("auto", *OPTIMIZERS)]
 OnNonfinite = Literal["stop", "skip"]
+BadImages = Literal["error", "skip"]
 Device = Literal[DEVICES]
 ParallelMode = Literal[PARALLEL_MODES]
 CompileMode = Literal[COMPILE_MODES]
@@ -86,6 +87,8 @@ def opt(default: Any, doc: str, *checks: Check, fixed: bool = False) -> Any:
 
 
 POSITIVE, NON_NEGATIVE, UNIT, UNIT_OPEN = at_least(1), at_least(0), within(0, 1), within(0, 1, open_hi=True)
+PROFILE_WINDOW = Check(lambda v: v == [] or (len(v) == 2 and 1 <= v[0] <= v[1]),
+                       "expected [] or [start, end] with 1 <= start <= end (step numbers)")
 THREE_TIMES = Check(lambda v: len(v) == 3, "expected three numbers [FM t, consistency s, consistency t]")
 
 
@@ -138,11 +141,21 @@ class TrainConfig:
     eval_demo_shape: list[int] = opt([4, 8], "sample grid [rows, columns]", Check(
         lambda v: len(v) == 2 and min(v) >= 1, "expected [rows, columns], both >= 1"))
     logging_steps: int = opt(100, "a metrics.jsonl record every N steps", POSITIVE)
+    # (ours, kept beside logging_steps: what a run reports besides metrics.jsonl; docs/cluster.md)
+    tensorboard: bool = opt(False, "also write metrics.jsonl's scalars as TensorBoard events to RUN_DIR/tensorboard "
+                                   "(needs the tensorboard package: pip install 'soflow_fast[tensorboard]')")
+    profile_steps: list[int] = opt([], "[start, end]: a torch.profiler trace of steps start..end (inclusive) in "
+                                       "RUN_DIR/profile/, one chrome-trace JSON per rank ([] = off)", PROFILE_WINDOW)
+    memory_snapshot: bool = opt(False, "CUDA only: record allocations over profile_steps and dump a snapshot "
+                                       "(pytorch.org/memory_viz) to RUN_DIR/profile/")
+    bad_images: BadImages = opt("error", "an ImageFolder image that cannot be decoded: error (stop, naming the file) "
+                                         "| skip (record it in RUN_DIR/bad_images.jsonl and read a substitute)")
     ckpt_saving_steps: int = opt(25000, "a checkpoint every N steps", POSITIVE)
     seed: int = opt(42, "seed of initialization, data order and noise", fixed=True)
     # --- ours ------------------------------------------------------------------------------------
     eval_num_samples: int = opt(10000, "samples per periodic FID", at_least(2))
-    eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`)")
+    eval_fid_reference: str = opt("", ".npz with mu/sigma (an ADM reference batch or `evaluate --save-ref-stats`, "
+                                      "whose pool features add precision and recall) or reference images")
     eval_inception: str = opt("", "LOCAL Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth)")
     eval_vae: str = opt("", "LOCAL AutoencoderKL folder to decode latents for the FID")
     num_classes: Optional[int] = opt(None, "label classes (null = from the dataset: digits 10, Imagenet 1000, "
@@ -190,7 +203,8 @@ class TrainConfig:
                                 NON_NEGATIVE)
     activation_checkpointing: bool = opt(False, "recompute each DiT block in the backward")
     compile: CompileMode = opt("auto", "auto (model on CUDA, none elsewhere) | none | blocks (each DiT block) | model "
-                                       "(the whole network; per block under FSDP)")
+                                       "(the whole network; per block under FSDP) | step (the whole loss of a step, "
+                                       "its three calls and the loss math, one graph; one process, no dropout)")
     reshard_after_forward: Union[bool, Literal["auto"]] = opt(
         "auto", "FSDP2 blocks free their gathered weights after each forward: auto (false on one node, <= 8 ranks; "
                 "true beyond) | true | false")
@@ -199,8 +213,9 @@ class TrainConfig:
                                            "this GPU, soflow_fast/attention_table.json; without one flash-attn when "
                                            "usable, else sdpa) | sdpa | flash-attn | cudnn | flash | efficient | math "
                                            "(that SDPA backend forced)")
-    cuda_graphs: bool = opt(False, "UNTESTED ON A GPU: torch.compile(mode='reduce-overhead') of the network with a "
-                                   "capturable optimizer; needs compile model (or auto) on CUDA")
+    cuda_graphs: bool = opt(False, "UNTESTED ON A GPU: torch.compile(mode='reduce-overhead') of the network (or of "
+                                   "the step) with a capturable optimizer; needs compile model (or auto) or step on "
+                                   "CUDA")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -276,6 +291,8 @@ class TrainConfig:
                       "periodic FID needs both eval_fid_reference and eval_inception")
         if self.eval_fid_reference and self.dataset_type == "Imagenet" and not self.eval_vae:
             raise bad("eval_vae", "FID of latent samples needs a local VAE folder to decode them")
+        if self.memory_snapshot and not self.profile_steps:
+            raise bad("memory_snapshot", "the snapshot covers the profile_steps window; set profile_steps too")
         if self.resolved_optimizer == "fused_adamw_ema" and self.resolved_ema_every != 1:
             raise bad("optimizer", "fused_adamw_ema updates the EMA every step; set ema_every: 1")
 

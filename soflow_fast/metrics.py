@@ -1,25 +1,27 @@
-"""What a run reports: step statistics summed on the device, metrics.jsonl, throughput, MFU, memory, a progress bar.
+"""What a run reports: step statistics summed on the device, metrics.jsonl (and TensorBoard scalars), throughput,
+MFU, memory, and the run log RUN_DIR/train.log.
 
 A step never reads a device value (README "Training"): it adds its statistics to sums kept on the device
 (`DeviceStats`), and the host reads them only at logging steps, where `MetricsLogger.log` writes one record of their
-means per window to run_dir/metrics.jsonl.
+means per window to run_dir/metrics.jsonl; with `tensorboard: true` every number of every record also goes to
+RUN_DIR/tensorboard/ under the same name (docs/cluster.md, "TensorBoard").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import resource
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
-from .errors import RunFailed
+from .config import ConfigError, TrainConfig
+from .errors import RunFailed, UserError
 from .fileio import atomic_open
 from .parallel import DistInfo, all_reduce_mean
 
@@ -105,32 +107,54 @@ class DeviceStats:
         return int(count), int(step), loss, grad_norm, int(longest)
 
 
+def summary_writer_class() -> type:
+    """torch's TensorBoard SummaryWriter (offline: event files only); a ConfigError naming the key when the optional
+    tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("config: tensorboard = true needs the tensorboard package (pip install tensorboard, or "
+                          "pip install 'soflow_fast[tensorboard]')") from None
+    return SummaryWriter
+
+
 class MetricsLogger:
-    """metrics.jsonl of a run (written by rank 0): one record per logging window, and any other record (FID)."""
+    """metrics.jsonl of a run (written by rank 0): one record per logging window, and any other record (FID); with
+    tensorboard=True also their numbers as TensorBoard scalars in run_dir/tensorboard/."""
 
     def __init__(self, run_dir: Path, dist: DistInfo, global_batch: int, flops_per_step: Optional[float],
-                 peak: Optional[float]):
+                 peak: Optional[float], tensorboard: bool = False):
         self.path, self.dist, self.global_batch = Path(run_dir) / "metrics.jsonl", dist, global_batch
         self.flops_per_step, self.peak = flops_per_step, peak
         self.stats = DeviceStats(dist.device)
         self.skipped = 0  # non-finite steps so far, as of the last host read (take_nonfinite)
+        self.tensorboard = None
+        if tensorboard:  # checked on every rank, so that a missing package stops them alike; rank 0 writes
+            writer = summary_writer_class()
+            self.tensorboard = writer(str(Path(run_dir) / "tensorboard")) if dist.is_main else None
 
     def write(self, rec: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        if self.tensorboard is not None:
+            for key, value in rec.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, rec["step"])
+            self.tensorboard.flush()  # a preempted job keeps everything logged so far
 
     def keep_until(self, step: int) -> None:
-        """Drop the records after `step` (and a line cut short by a kill), rewriting the file atomically: a run that
-        starts at `step` logs the later steps again, and each step appears once. Rank 0."""
-        if not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
+        """Drop the records after `step` (and a line cut short by a kill), rewriting the file atomically, and hide
+        TensorBoard's: a run that starts at `step` logs the later steps again, and each step appears once. Rank 0."""
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
         kept = [line for line in lines if _record_step(line) <= step]
         if len(kept) < len(lines):
             with atomic_open(self.path, "w") as fh:
                 fh.writelines(kept)
             log.info("%s: dropped %d record(s) after step %d, where this run starts", self.path, len(lines) - len(kept),
                      step)
+        if self.tensorboard is not None:  # TensorBoard's way to hide earlier runs' events after `step`
+            self.tensorboard.close()
+            self.tensorboard = type(self.tensorboard)(self.tensorboard.log_dir, purge_step=step + 1)
 
     def take_nonfinite(self, step: int, stop: bool, max_consecutive: int = 0) -> None:
         """Add the non-finite steps since the last read (a host sync) to `skipped`; with `stop`, raise NonFiniteError
@@ -194,28 +218,28 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def progress_bar(start: int, end: int, enabled: bool) -> Callable[[Optional[int], Optional[float]], None]:
-    """A one-line console progress bar (redrawn in place on a terminal, every 10% otherwise); update(None, None)
-    ends it."""
-    tty = sys.stderr.isatty()
-    t0, first = time.perf_counter(), start
-
-    def update(step: Optional[int], loss: Optional[float]) -> None:
-        if not enabled:
-            return
-        if step is None:
-            if tty:
-                sys.stderr.write("\n")
-            return
-        if not tty and step != end and step % max((end - first) // 10, 1):
-            return
-        frac = step / max(end, 1)
-        rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
-        eta = (end - step) / rate if rate > 0 else float("nan")
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        shown = f" loss {loss:.4f}" if loss is not None else ""
-        line = f"[{bar}] {step}/{end} {rate:.1f} it/s eta {eta:.0f}s{shown}"
-        sys.stderr.write("\r" + line if tty else line + "\n")
-        sys.stderr.flush()
-
-    return update
+@contextlib.contextmanager
+def run_log(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Copy the soflow_fast log (what the console shows, the progress bar aside) into RUN_DIR/train.log, appended to
+    across resumes and requeues; the error that ends a run is written there too (its traceback when it is a bug)."""
+    if not enabled:
+        yield
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(run_dir) / "train.log", mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    level = log.level
+    if not log.isEnabledFor(logging.INFO):  # the log holds INFO records whatever the root logger's level
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    except BaseException as e:
+        trace = None if isinstance(e, (UserError, RunFailed)) else sys.exc_info()
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s: %s",
+                                      (type(e).__name__, e), trace))
+        raise
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()

@@ -193,16 +193,6 @@ def barrier() -> None:
 _host_group: Optional[tuple[object, object]] = None  # (the default group it was made for, a gloo group)
 
 
-def _host_group_of_world() -> object:
-    """A gloo group over all ranks (made at the first call, for each new default group: tests make several), for
-    host-side collectives that must not wait for the device."""
-    global _host_group
-    world = dist.group.WORLD
-    if _host_group is None or _host_group[0] is not world:
-        _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
-    return _host_group[1]
-
-
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Collective: each flag OR-ed over all ranks (unchanged on one process).
 
@@ -212,8 +202,18 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     if not (dist.is_available() and dist.is_initialized()):
         return tuple(bool(f) for f in flags)
     values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group_of_world())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=host_group())
     return tuple(bool(v) for v in values.tolist())
+
+
+def host_group() -> object:
+    """Collective at its first call: a gloo group of all ranks (the default group itself when that is gloo), for
+    collectives of CPU tensors and objects that should not touch the device."""
+    global _host_group
+    world = dist.group.WORLD
+    if _host_group is None or _host_group[0] is not world:  # a new process group (tests make several)
+        _host_group = (world, world if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _host_group[1]
 
 
 def from_main(value: object) -> object:
@@ -222,5 +222,5 @@ def from_main(value: object) -> object:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_host_group_of_world())
+    dist.broadcast_object_list(box, src=0, group=host_group())
     return box[0]

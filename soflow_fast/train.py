@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 import yaml
 from torch import Tensor
+from tqdm import tqdm
 
 from .attention import attention_for_model
 from .checkpoint import Checkpointer, check_same_model, consolidate, load_state_strict, read_meta
@@ -38,12 +40,13 @@ from .evaluation.periodic import Evaluator
 from .fileio import atomic_open
 from .flow import derived_seed
 from .kernel_ops import kernel_ops_for
-from .metrics import MetricsLogger, peak_flops, progress_bar
+from .metrics import MetricsLogger, peak_flops
 from .models import build_model, describe
 from .optim import build_optimizer, optimizer_backends
 from .parallel import (all_reduce_mean, check_cuda_graphs, compile_backend, full_tensor, init_distributed, parallelize,
                        resolve_compile)
 from .precision import emulated, numerics, resolve_precision
+from .profiling import ProfileWindow
 from .resume import config_changes, group_settings, plan_start, restore_group_settings, set_aside_newer
 from .signals import GracefulStop
 from .step import compiled_loss, draw_noise, is_stochastic, soflow_loss
@@ -90,7 +93,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer, as the reference
             torch.backends.cudnn.allow_tf32 = True
-        data = build_data(cfg, self.dist)
+        data = build_data(cfg, self.dist, self.run_dir)
         self.loader = data.loader
         overrides = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
                      if getattr(cfg, k) is not None}
@@ -101,13 +104,14 @@ class Trainer:
         self.kernel_ops = kernel_ops_for(self.net.cfg.kernels, self.device.type)  # the loss functions
         if init is not None:  # before the EMA copies the weights and the parallel wrappers shard them
             source = f"config: init_from = {cfg.init_from!r}"
+            weights = "model" if "model" in init else "ema"  # a safetensors export holds one set
             try:
                 check_same_model(source, init["model_config"], describe(self.net))
-                load_state_strict(self.net, init["model"], source)
+                load_state_strict(self.net, init[weights], source)
             except (KeyError, ValueError) as e:
                 raise ConfigError(e.args[0]) from None
-            log.info("init_from %s: the raw weights of step %d (the EMA starts from them; a fresh optimizer; step 0)",
-                     cfg.init_from, init["step"])
+            log.info("init_from %s: the %s weights of step %d (the EMA starts from them; a fresh optimizer; step 0)",
+                     cfg.init_from, "raw" if weights == "model" else "EMA", init["step"])
         # A config written for torchrun also runs as one plain process: without a process group, no wrapper.
         self.parallel = cfg.parallel if self.dist.enabled else "none"
         fsdp = self.parallel == "fsdp"
@@ -148,7 +152,9 @@ class Trainer:
         guided = data.num_classes > 0 and self.hp.cfg_scale > 1
         flops = 2 * macs() * self.hp.forward_equivalents(self.micro, guided) * self.accum * W if macs else None
         self.metrics = MetricsLogger(self.run_dir, self.dist, cfg.batch_size, flops,
-                                     peak_flops(cfg, self.device, self.precision.any_bf16))
+                                     peak_flops(cfg, self.device, self.precision.any_bf16), cfg.tensorboard)
+        self.profiler = ProfileWindow(cfg.profile_steps, cfg.memory_snapshot, self.run_dir / "profile", self.device,
+                                      self.dist.rank, "config: memory_snapshot = true")
         self.evaluator = Evaluator(cfg, self.run_dir, self.dist, self.flow, self.precision, self.ema_module,
                                    self.metrics)
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints, self.dist.is_main)
@@ -247,33 +253,39 @@ class Trainer:
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         if self.dist.is_main:
             self._log_start(end)
-        bar = progress_bar(self.step, end, progress and self.dist.is_main)
-        loss, t0 = None, time.perf_counter()  # the bar shows the last logged loss: reading one per step would sync
+        # the bar shows the last logged loss (reading one per step would sync); redrawn rarely into a log file
+        bar = tqdm(total=end, initial=self.step, unit="step", disable=not (progress and self.dist.is_main),
+                   mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True)
+        t0 = time.perf_counter()
         compiling = self.compile != "none" and self.dist.is_main  # the first step traces and compiles each call
         with GracefulStop(save_minutes=cfg.save_every_minutes) as stop:
             while self.step < end:
+                self.profiler.begin(self.step + 1)
                 x0, y = self.loader.next()
                 t_step = time.perf_counter()
                 self.train_step(x0, y)
+                at = stop.at_step(self.step)  # collective on check steps under torchrun
+                self.profiler.end(self.step, last=self.step == end or at.stop)
                 if compiling:  # tracing and compiling run on the host, so host time measures them
                     log.info("compiled in %.1f s (compile %s; the first step, compiling included)",
                              time.perf_counter() - t_step, self.compile)
                     compiling = False
-                at = stop.at_step(self.step)  # collective on check steps under torchrun
                 if self.step % cfg.logging_steps == 0 or self.step == end or at.stop:
                     self._take_nonfinite()
                     rec = self.metrics.log(self.step, time.perf_counter() - t0, self.optimizer.param_groups[0]["lr"])
-                    loss, t0 = (rec or {}).get("loss", loss), time.perf_counter()
-                bar(self.step, loss)
+                    t0 = time.perf_counter()
+                    if rec and "loss" in rec:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                bar.update()
                 if at.save or self.step % cfg.ckpt_saving_steps == 0 or self.step == end:
-                    self.save()
+                    self.save()  # before this step's evaluation: an evaluation that fails loses no steps
                 if at.stop:
-                    bar(None, None)
+                    bar.close()
                     log.info("stopped on request (%s) at step %d, checkpoint saved: the same command resumes it",
                              stop.received or "another rank's signal", self.step)
                     return True
                 self.evaluator.after_step(self.step)
-        bar(None, None)
+        bar.close()
         self.evaluator.at_end(self.step)
         return False
 

@@ -199,10 +199,9 @@ def test_evaluate_model_fid_trainer_hook(setup) -> None:
     b = torch.from_numpy(setup["b"])
     calls = []
 
-    def sample_fn(k: int) -> torch.Tensor:  # stands in for to_uint8_nhwc(sample(ema, flow, noise, nfe=1, y=y))
-        start = sum(calls)
+    def sample_fn(c: int, k: int) -> torch.Tensor:  # stands in for to_uint8_nhwc(sample(...)) of chunk c
         calls.append(k)
-        return b[start:start + k]
+        return b[c * BATCH:c * BATCH + k]
 
     res = fid.evaluate_model_fid(sample_fn, N_B, ref, setup["net"], batch_size=BATCH)
     assert calls == [BATCH] * (N_B // BATCH)
@@ -353,3 +352,30 @@ def test_periodic_fid_during_training(setup, tmp_path, monkeypatch) -> None:
     fids = [r for r in recs if "fid" in r]
     assert [r["step"] for r in fids] == [1, 2] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
     assert fids[-1]["fid_num_samples"] == 20
+
+
+def test_precision_recall_reported_with_fid(setup, capsys) -> None:
+    """evaluate reports precision and recall (manifold.py) beside FID/sFID/IS when the reference's pool features are
+    at hand: computed from reference images, stored by --save-ref-stats and read back, or computed from the arr_0
+    images of an ADM reference batch; a statistics file without them gives FID only."""
+    from soflow_fast.evaluation.manifold import precision_recall
+
+    d = setup["dir"]
+    want = precision_recall(setup["fa"][0], setup["fb"][0])  # the same float32 features: equal numbers
+    assert 0 < want["precision"] < 1 or 0 < want["recall"] < 1
+    rc, out, _ = _cli(capsys, d / "b.npz", "--ref", d / "a.npz", "--inception", setup["weights"],
+                      "--save-ref-stats", d / "stats_pool.npz")
+    assert rc == 0
+    res = json.loads(out)
+    assert {k: res[k] for k in want} == want
+    np.testing.assert_array_equal(fid.load_reference_stats(d / "stats_pool.npz").pool, setup["fa"][0])
+    _, out, _ = _cli(capsys, d / "b.npz", "--ref", d / "stats_pool.npz", "--inception", setup["weights"])
+    again = json.loads(out)
+    assert {k: again[k] for k in want} == want and again["fid"] == pytest.approx(res["fid"], rel=1e-12)
+    pa = setup["fa"][0].astype(np.float64)
+    np.savez(d / "adm_batch.npz", arr_0=setup["a"], mu=pa.mean(0), sigma=np.cov(pa, rowvar=False))
+    _, out, _ = _cli(capsys, d / "b.npz", "--ref", d / "adm_batch.npz", "--inception", setup["weights"])
+    assert {k: json.loads(out)[k] for k in want} == want
+    np.savez(d / "stats_only.npz", mu=pa.mean(0), sigma=np.cov(pa, rowvar=False))
+    _, out, _ = _cli(capsys, d / "b.npz", "--ref", d / "stats_only.npz", "--inception", setup["weights"])
+    assert "precision" not in json.loads(out) and "recall" not in json.loads(out)

@@ -188,6 +188,17 @@ def test_metrics_hold_each_step_once_across_resumes(tmp_path):
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_tensorboard_holds_each_step_once_across_resumes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make(tmp_path, logging_steps=1, ckpt_saving_steps=2, tensorboard=True).fit(max_steps=3, progress=False)
+    shutil.rmtree(checkpoint_dir(tmp_path / "run", 3))  # killed before step 3's checkpoint completed
+    make(tmp_path, logging_steps=1, ckpt_saving_steps=2, tensorboard=True).fit(progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_diverged_run_stops_with_exit_1_keeping_the_last_clean_checkpoint(tmp_path, monkeypatch, capsys):
     import soflow_fast.train as T
 

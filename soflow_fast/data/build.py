@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import ConfigError, TrainConfig
 from ..parallel import DistInfo
 from .loader import Loader
 
 log = logging.getLogger("soflow_fast")
+
+BAD_IMAGES_RECORD = "bad_images.jsonl"
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,10 @@ class Data:
     num_classes: int  # 0: unconditional
 
 
-def build_data(cfg: TrainConfig, dist: DistInfo) -> Data:
+def build_data(cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> Data:
     """The loader for dataset_type (per-rank batches of batch_size / world size rows: data/loader.py), checked
-    against data_size and num_classes (None: the dataset's own count); a mismatch is a ConfigError naming the key."""
+    against data_size and num_classes (None: the dataset's own count); a mismatch is a ConfigError naming the key.
+    An ImageFolder's undecodable images follow bad_images, recorded in run_dir/bad_images.jsonl."""
     local = cfg.batch_size // dist.world_size
     kind = cfg.dataset_type
     if kind != "digits" and not cfg.dataset_path:
@@ -39,7 +43,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo) -> Data:
         log.info("data: %s", loader.description)
         return Data(loader, loader.sample_shape[0], classes)
     if kind in ("ImageFolder", "CIFAR10"):  # pixel space; ImageFolder at data_size, one class per folder
-        from .imagefolder import PixelLoader
+        from .imagefolder import BadImages, PixelLoader
 
         cifar = kind == "CIFAR10"
         if cifar and cfg.data_size != 32:
@@ -48,7 +52,8 @@ def build_data(cfg: TrainConfig, dist: DistInfo) -> Data:
         classes = (0 if cifar else None) if cfg.num_classes is None else cfg.num_classes
         try:
             loader = PixelLoader(cfg.dataset_path, None if cifar else cfg.data_size, local, cfg.seed, dist.rank,
-                                 dist.world_size, dist.device, kind=kind.lower(), labelled=classes != 0)
+                                 dist.world_size, dist.device, kind=kind.lower(), labelled=classes != 0,
+                                 bad_images=BadImages(cfg.bad_images, Path(run_dir) / BAD_IMAGES_RECORD))
         except FileNotFoundError as e:
             raise ConfigError(f"config: dataset_path = {cfg.dataset_path!r}: {e}") from None
         classes = loader.num_classes if classes is None else classes

@@ -1,4 +1,4 @@
-"""FID, sFID and Inception Score of generated images, the ADM evaluator's way, offline.
+"""FID, sFID, Inception Score, precision and recall of generated images, the ADM evaluator's way, offline.
 
 Images come as uint8 NHWC (an .npz whose arr_0 is the ADM layout, a folder of image files, or a sampling function
 during training); the FID Inception (inception.py, weights from a local file) turns them into pool_3 features,
@@ -6,6 +6,16 @@ logits and spatial features; the Frechet distance is frechet.py's float64 one. A
 .npz (mu / sigma, and mu_s / sigma_s for sFID: the layout of ADM's reference batches such as
 VIRTUAL_imagenet256_labeled.npz, which also carry arr_0 but whose precomputed statistics win, as in the ADM
 evaluator) or real images in either form above.
+
+Precision and recall (manifold.py) need the reference's pool features themselves, not only their statistics. A
+reference given as images provides them; ADM's reference batches carry their images as arr_0, from which they are
+computed once per call (as the ADM evaluator does); `evaluate --save-ref-stats` stores them as `pool` beside the
+statistics, so a later run (or the trainer's periodic FID) reads them instead. A statistics file without `pool` or
+arr_0 gives FID, sFID and IS only.
+
+During training (`evaluate_model_fid`) the samples are drawn in chunks whose noise depends on the chunk index alone;
+rank r samples chunks r, r + W, ..., and the features are gathered to rank 0 in chunk order, so the numbers are the
+same on any world size.
 
 The .npz images are streamed from the zip member in batches, so 50K ImageNet-256 samples (~10 GB) never sit in
 memory at once; only the features do (50K x 2048 float32 = 400 MB).
@@ -22,10 +32,13 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..fileio import atomic_open
+from ..parallel import DistInfo, host_group
 from .frechet import frechet_distance, gaussian_stats
 from .inception import InceptionFeatures, InceptionV3FID
+from .manifold import precision_recall
 
 ImageBatch = Union[np.ndarray, Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -34,19 +47,24 @@ IS_SPLIT_SIZE = 5000  # the ADM evaluator scores splits of 5000 samples (10 spli
 
 @dataclasses.dataclass
 class ReferenceStats:
-    """Gaussian statistics of a reference set: pool_3 (FID) and, when known, spatial (sFID)."""
+    """Gaussian statistics of a reference set: pool_3 (FID) and, when known, spatial (sFID) statistics and the pool
+    features themselves (precision and recall)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     mu_s: Optional[np.ndarray] = None
     sigma_s: Optional[np.ndarray] = None
     source: str = ""
+    pool: Optional[np.ndarray] = None  # [N, D] float32
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the ADM reference layout (mu, sigma, mu_s, sigma_s) so later runs and training can reuse it."""
+        """Write the ADM reference layout (mu, sigma, mu_s, sigma_s), plus `pool` when known, so that later runs
+        and training can reuse it."""
         arrays = {"mu": self.mu, "sigma": self.sigma}
         if self.mu_s is not None:
             arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
+        if self.pool is not None:
+            arrays.update(pool=self.pool)
         with atomic_open(path) as fh:
             np.savez(fh, **arrays)
 
@@ -58,7 +76,12 @@ class Features:
     spatial: np.ndarray  # [N, S] float32
 
     def stats(self, source: str = "") -> ReferenceStats:
-        return ReferenceStats(*gaussian_stats(self.pool), *gaussian_stats(self.spatial), source=source)
+        return ReferenceStats(*gaussian_stats(self.pool), *gaussian_stats(self.spatial), source=source,
+                              pool=self.pool)
+
+    @staticmethod
+    def concat(parts: list["Features"]) -> "Features":
+        return Features(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Features)))
 
 
 # ---------------------------------------------------------------- image sources
@@ -178,25 +201,15 @@ def _full_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar when tqdm is installed and wanted; otherwise nothing (the result is the same)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
 @torch.no_grad()
 def extract_features(batches: Iterable[ImageBatch], extractor: Callable[[Tensor], InceptionFeatures],
                      total: Optional[int] = None, desc: str = "features", progress: bool = False) -> Features:
     """Run uint8 NHWC batches (numpy or torch, any device) through the extractor on its own device."""
-    device = next(extractor.parameters()).device if isinstance(extractor, torch.nn.Module) else torch.device("cpu")
+    device = _device_of(extractor)
     parts: list[InceptionFeatures] = []
     # Autocast off too: the trainer may call this from inside its bf16 region, and the graph's numbers are fp32.
-    with _full_fp32(), torch.autocast(device.type, enabled=False), _progress(total or 0, desc, progress) as bar:
+    with _full_fp32(), torch.autocast(device.type, enabled=False), \
+            tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not progress) as bar:
         for batch in batches:
             x = torch.as_tensor(batch)
             _check_images(tuple(x.shape), np.dtype(np.uint8) if x.dtype == torch.uint8 else x.dtype,
@@ -206,8 +219,7 @@ def extract_features(batches: Iterable[ImageBatch], extractor: Callable[[Tensor]
                 x = x.expand(-1, 3, -1, -1)  # grayscale as RGB, as PIL's convert("RGB") would
             out = extractor(x)
             parts.append(InceptionFeatures(*(t.float().cpu() for t in out)))
-            if bar is not None:
-                bar.update(x.shape[0])
+            bar.update(x.shape[0])
     if not parts:
         raise ValueError(f"{desc}: no images")
     return Features(*(torch.cat(ts).numpy() for ts in zip(*parts)))
@@ -237,8 +249,10 @@ def _check_pool_dim(ref: ReferenceStats, d: int) -> None:
                          "features (statistics from another network?)")
 
 
-def scores_against(features: Features, ref: ReferenceStats) -> dict[str, float]:
-    """FID (and sFID when the reference has spatial statistics) of features, plus their Inception Score."""
+def scores_against(features: Features, ref: ReferenceStats,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """FID (and sFID when the reference has spatial statistics) of features, their Inception Score, and precision
+    and recall (on `device`) when the reference has its pool features."""
     _check_pool_dim(ref, features.pool.shape[1])
     mu, sigma = gaussian_stats(features.pool)
     out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
@@ -249,13 +263,18 @@ def scores_against(features: Features, ref: ReferenceStats) -> dict[str, float]:
                              f"{s}-d spatial features")
         out["sfid"] = frechet_distance(*gaussian_stats(features.spatial), ref.mu_s, ref.sigma_s)
     out["inception_score"], out["inception_score_std"] = inception_score(features.logits)
+    if ref.pool is not None:
+        if ref.pool.shape[1] != features.pool.shape[1]:
+            raise ValueError(f"reference {ref.source}: pool has {ref.pool.shape[1]}-d features but the Inception "
+                             f"gives {features.pool.shape[1]}")
+        out.update(precision_recall(torch.as_tensor(ref.pool, device=device), features.pool))
     return out
 
 
 # ---------------------------------------------------------------- entry points
 
 def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
-    """mu / sigma (and mu_s / sigma_s if present) from a statistics .npz (ADM reference batch layout)."""
+    """mu / sigma (and mu_s / sigma_s, pool if present) from a statistics .npz (ADM reference batch layout)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     with np.load(path) as z:
@@ -263,17 +282,23 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
             raise ValueError(f"{path}: no 'mu'/'sigma' arrays (it holds {list(z.keys())}); not reference statistics")
         spatial = "mu_s" in z and "sigma_s" in z
         return ReferenceStats(z["mu"], z["sigma"], z["mu_s"] if spatial else None, z["sigma_s"] if spatial else None,
-                              source=str(path))
+                              source=str(path), pool=z["pool"] if "pool" in z else None)
 
 
 def reference_stats(path: str | os.PathLike, extractor: Callable[[Tensor], InceptionFeatures],
                     batch_size: int = 100, progress: bool = False) -> ReferenceStats:
-    """Statistics of a reference: read from a statistics .npz, or computed from real images (.npz or folder)."""
+    """Statistics of a reference: read from a statistics .npz, or computed from real images (.npz or folder). The
+    pool features come from the file, else from its arr_0 images (an ADM reference batch: its statistics win)."""
     if os.path.isfile(path) and zipfile.is_zipfile(path):
         with np.load(path) as z:
-            has_stats = "mu" in z and "sigma" in z
+            has_stats, has_images = "mu" in z and "sigma" in z, "arr_0" in z
         if has_stats:
-            return load_reference_stats(path)
+            ref = load_reference_stats(path)
+            if ref.pool is None and has_images:
+                images = NpzImages(path)
+                ref.pool = extract_features(images.batches(batch_size), extractor, len(images), "reference pool",
+                                            progress).pool
+            return ref
     images = open_images(path)
     feats = extract_features(images.batches(batch_size), extractor, len(images), "reference", progress)
     return feats.stats(source=str(path))
@@ -287,28 +312,48 @@ def evaluate_npz(samples: str | os.PathLike, reference: ReferenceStats,
     if isinstance(extractor, InceptionV3FID):  # a mismatch is known now; say so before the long pass
         _check_pool_dim(reference, extractor.feature_dim)
     feats = extract_features(images.batches(batch_size), extractor, len(images), "samples", progress)
-    return {**scores_against(feats, reference), "num_samples": len(images)}
+    return {**scores_against(feats, reference, _device_of(extractor)), "num_samples": len(images)}
 
 
-def evaluate_model_fid(sample_fn: Callable[[int], ImageBatch], n: int, reference_stats: ReferenceStats,
-                       feature_extractor: Callable[[Tensor], InceptionFeatures],
-                       batch_size: int) -> dict[str, float]:
-    """Periodic evaluation during training: FID (sFID when the reference has spatial stats) and IS of n samples.
+def _device_of(extractor: Callable) -> torch.device:
+    return next(extractor.parameters()).device if isinstance(extractor, torch.nn.Module) else torch.device("cpu")
 
-    sample_fn(k) returns k generated images as uint8 NHWC (numpy or a tensor on any device; the trainer's
-    `to_uint8_nhwc(sample(...))`, decoded to pixels). Keys: fid, [sfid], inception_score, inception_score_std,
-    fid_num_samples: ready to merge into a metrics.jsonl record.
+
+def evaluate_model_fid(sample_fn: Callable[[int, int], ImageBatch], n: int, reference_stats: Optional[ReferenceStats],
+                       feature_extractor: Callable[[Tensor], InceptionFeatures], batch_size: int,
+                       dist: Optional[DistInfo] = None) -> Optional[dict[str, float]]:
+    """Periodic evaluation during training: FID (sFID when the reference has spatial stats), IS, and precision and
+    recall (when it has pool features) of n samples, drawn by all ranks. Collective under torchrun.
+
+    The n samples are chunks c = 0, 1, ... of batch_size; sample_fn(c, k) returns chunk c's k images as uint8 NHWC
+    (numpy or a tensor on any device), its noise drawn from a generator seeded by c alone. Rank r takes chunks r,
+    r + W, ...; rank 0 gathers the features in chunk order and scores them (reference_stats is needed there only),
+    so the result does not depend on the world size. Returns, on rank 0, fid, [sfid], inception_score,
+    inception_score_std, [precision, recall], fid_num_samples: ready to merge into a metrics.jsonl record; None on
+    the other ranks.
     """
     if n < 2:
         raise ValueError(f"evaluate_model_fid: n = {n}; a covariance needs at least 2 samples")
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
+    total = (n + batch_size - 1) // batch_size
+    chunks = range(rank, total, world)
 
     def batches() -> Iterator[ImageBatch]:
-        for start in range(0, n, batch_size):
-            k = min(batch_size, n - start)
-            images = sample_fn(k)
+        for c in chunks:
+            k = min(batch_size, n - c * batch_size)
+            images = sample_fn(c, k)
             if len(images) != k:
-                raise ValueError(f"evaluate_model_fid: sample_fn({k}) returned {len(images)} images")
+                raise ValueError(f"evaluate_model_fid: sample_fn({c}, {k}) returned {len(images)} images")
             yield images
 
-    feats = extract_features(batches(), feature_extractor, n, "fid samples")
-    return {**scores_against(feats, reference_stats), "fid_num_samples": n}
+    mine = [extract_features([b], feature_extractor, desc="fid samples") for b in batches()]
+    if world > 1:
+        import torch.distributed as torch_dist
+
+        every: Optional[list] = [None] * world if rank == 0 else None
+        torch_dist.gather_object(mine, every, dst=0, group=host_group())  # CPU arrays over gloo
+        if rank != 0:
+            return None
+        mine = [every[c % world][c // world] for c in range(total)]
+    feats = Features.concat(mine)
+    return {**scores_against(feats, reference_stats, _device_of(feature_extractor)), "fid_num_samples": n}

@@ -15,9 +15,8 @@ deterministic and independent of the blocking (a decision flips only for distanc
 radius). The ADM evaluator computes its distances in float16 (float32 where float16 overflows), so its numbers can
 differ from these in the third decimal.
 
-Intended call site: evaluation/fid.py's `scores_against`, when the reference's own pool features are at hand (a
-reference given as images, e.g. arr_0 of ADM's reference batches):
-    out.update(precision_recall(ref_pool, features.pool))
+Called by evaluation/fid.py's `scores_against` when the reference's own pool features are at hand (a reference
+given as images, arr_0 of an ADM reference batch, or statistics saved with them by `evaluate --save-ref-stats`).
 """
 from __future__ import annotations
 

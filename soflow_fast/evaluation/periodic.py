@@ -1,8 +1,10 @@
 """Evaluation of the EMA weights while a run trains: sample grids every eval_demo_steps, FID every eval_steps (with
 eval_fid_reference), and the digits quality report when the run reaches total_steps (quality_report).
 
-Each is collective: the EMA weights are gathered on every rank (FSDP shards them); rank 0 samples, scores and
-writes. Samples run as the precision mode's teacher calls do (sampling.sample_images).
+Each is collective: the EMA weights are gathered on every rank (FSDP shards them). Rank 0 draws the sample grids
+alone; the FID samples are spread over all ranks (each samples its chunks and extracts their features, rank 0
+gathers, scores and writes: fid.evaluate_model_fid), with the same numbers on any world size. Samples run as the
+precision mode's teacher calls do (sampling.sample_images).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import TrainConfig
-from ..flow import Flow
+from ..flow import Flow, derived_seed
 from ..images import save_grid, to_uint8_nhwc
 from ..metrics import MetricsLogger
 from ..parallel import DistInfo
@@ -29,7 +31,7 @@ class Evaluator:
         """ema_module() -> a plain network holding the whole EMA weights (collective)."""
         self.cfg, self.run_dir, self.dist, self.flow, self.precision = cfg, Path(run_dir), dist, flow, precision
         self.ema_module, self.metrics = ema_module, metrics
-        self._fid_tools: Optional[tuple] = None  # (reference statistics, Inception, VAE), loaded at the first FID
+        self._fid_tools: Optional[tuple] = None  # (reference statistics on rank 0, Inception, VAE): the first FID
 
     def after_step(self, step: int) -> None:
         cfg = self.cfg
@@ -67,27 +69,35 @@ class Evaluator:
         return path
 
     def evaluate_fid(self, step: int) -> Optional[dict]:
-        """FID (and IS) of eval_num_samples EMA samples against eval_fid_reference, appended to metrics.jsonl."""
+        """FID, sFID, IS (and precision and recall when the reference has its pool features) of eval_num_samples EMA
+        samples against eval_fid_reference, drawn by all ranks; rank 0 appends the record to metrics.jsonl."""
         from ..vae import load_vae
-        from .fid import evaluate_model_fid, load_reference_stats
+        from .fid import evaluate_model_fid, reference_stats
         from .inception import load_inception
 
         ema = self.ema_module()
-        if not self.dist.is_main:
-            return None
         cfg, device = self.cfg, self.dist.device
         if self._fid_tools is None:
-            self._fid_tools = (load_reference_stats(cfg.eval_fid_reference), load_inception(cfg.eval_inception, device),
-                               load_vae(cfg.eval_vae, device) if cfg.eval_vae else None)
+            inception = load_inception(cfg.eval_inception, device)
+            # rank 0 scores; a reference batch with images but no stored pool features gets them computed here, once
+            ref = reference_stats(cfg.eval_fid_reference, inception, cfg.eval_batch_size) if self.dist.is_main else None
+            if ref is not None and ref.pool is None:
+                log.info("%s holds no pool features (nor images): no precision and recall; `soflow-fast evaluate "
+                         "--save-ref-stats` stores them", cfg.eval_fid_reference)
+            self._fid_tools = (ref, inception, load_vae(cfg.eval_vae, device) if cfg.eval_vae else None)
         ref, inception, vae = self._fid_tools
-        g = torch.Generator(device).manual_seed(cfg.seed + 1)  # the same noise at every evaluation
 
-        def sample_fn(k: int):
+        def sample_fn(c: int, k: int):  # chunk c's noise from (seed, c): the same at every evaluation and world size
+            g = torch.Generator(device).manual_seed(derived_seed(cfg.seed + 1, c))
             x, _ = sample_images(ema, self.flow, k, nfe=cfg.eval_NFE, generator=g, vae=vae, precision=self.precision)
             return to_uint8_nhwc(x)
 
-        res = evaluate_model_fid(sample_fn, cfg.eval_num_samples, ref, inception, cfg.eval_batch_size)
+        res = evaluate_model_fid(sample_fn, cfg.eval_num_samples, ref, inception, cfg.eval_batch_size, self.dist)
+        if res is None:
+            return None
         rec = {"step": step, **res, "eval_NFE": cfg.eval_NFE}
         self.metrics.write(rec)
-        log.info("step %d  FID %.3f at %d NFE (%d samples)", step, res["fid"], cfg.eval_NFE, res["fid_num_samples"])
+        extra = "  precision %.3f recall %.3f" % (res["precision"], res["recall"]) if "precision" in res else ""
+        log.info("step %d  FID %.3f%s at %d NFE (%d samples)", step, res["fid"], extra, cfg.eval_NFE,
+                 res["fid_num_samples"])
         return rec

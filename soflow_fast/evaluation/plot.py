@@ -1,5 +1,11 @@
 """`soflow-fast plot RUN_DIR`: the curves of RUN_DIR/metrics.jsonl (loss terms, mse, adaptive weights, grad norm,
-images/s, FID when logged) over steps, as one PNG drawn with Pillow (already a dependency; no matplotlib needed).
+images/s, FID when logged) over steps, as one PNG drawn with Pillow.
+
+Pillow, not matplotlib (issue 16 asked which serves better): the PNG is a quick look at a run from a login node,
+and its six panels of lines with round-number ticks, log axes and legends are all it needs. Pillow is already a
+dependency and draws it in ~100 lines whose geometry the tests check pixel by pixel; matplotlib would add a large
+dependency for the same picture with nicer fonts. Anyone who wants zoom, smoothing or several runs overlaid has
+TensorBoard (`tensorboard: true`, docs/cluster.md), which reads the same numbers.
 """
 from __future__ import annotations
 
