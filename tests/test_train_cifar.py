@@ -79,9 +79,14 @@ def test_loss_falls_and_resume_is_exact(cifar, tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
+    """A folder without the CIFAR-10 files names them; a folder that does not exist is caught at start-up, naming the
+    key (TrainConfig.check_files)."""
     from soflow_fast.config import ConfigError
 
+    (tmp_path / "empty").mkdir()
     with pytest.raises((ConfigError, FileNotFoundError), match="data_batch_1|cifar-10-batches-py"):
+        Trainer(config(tmp_path / "empty"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="dataset_path = .*nothing': no such folder"):
         Trainer(config(tmp_path / "nothing"), tmp_path / "r")
 
 
