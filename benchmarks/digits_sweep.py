@@ -36,12 +36,14 @@ from soflow_fast.train import Trainer
 
 METHODS = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
 
-# The coarse first pass: guidance is the diversity side of the Frechet distance, so it leads.
+# The next pass around configs/digits.yaml (cfg_scale 1.5); steps keep its compute where a variant changes the
+# forward-equivalents per step (docs/algorithm.md section 8): 416 unguided, 640 at velocity_loss_ratio 0.5, vs 576.
 BUILTIN: dict[str, dict[str, Any]] = {
     "base": {},
-    "cfg1.0": {"cfg_scale": 1.0},
-    "cfg1.5": {"cfg_scale": 1.5},
-    "cfg1.5-mix0.5": {"cfg_scale": 1.5, "mix_ratio": 0.5},
+    "cfg2.0": {"cfg_scale": 2.0},
+    "cfg1.4": {"cfg_scale": 1.4},
+    "cfg1.0-eq": {"cfg_scale": 1.0, "total_steps": 2490},
+    "vlr0.5-eq": {"velocity_loss_ratio": 0.5, "total_steps": 1620},
 }
 
 
