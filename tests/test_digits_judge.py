@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from soflow_fast.data.digits import load_digits_split
-from soflow_fast.evaluation.digits_judge import DigitsJudge, format_report, quality_report
+from soflow_fast.evaluation.digits_judge import DigitsJudge, class_balanced, format_report, quality_report
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,27 @@ def test_mismatched_sample_labels_raise(judge, split) -> None:
     train_x, _, test_x, test_y = split
     with pytest.raises(ValueError, match="bad"):
         quality_report(judge, train_x, test_x, test_y, {"bad": (test_x[:10], test_y[:9])})
+
+
+def test_class_balanced_draws_per_class_rows(split) -> None:
+    train_x, train_y, _, _ = split
+    ids = torch.arange(train_x.shape[0], dtype=torch.float32).view(-1, 1, 1, 1).expand_as(train_x)
+    picked = class_balanced(ids, train_y, 7, seed=1)[:, 0, 0, 0].long()
+    assert picked.unique().numel() == 70  # without replacement
+    assert torch.equal(torch.bincount(train_y[picked], minlength=10), torch.full((10,), 7))
+    assert torch.equal(class_balanced(ids, train_y, 7, seed=1), class_balanced(ids, train_y, 7, seed=1))
+    assert not torch.equal(class_balanced(ids, train_y, 7, seed=1), class_balanced(ids, train_y, 7, seed=2))
+    smallest = int(torch.bincount(train_y).min())
+    assert class_balanced(ids, train_y, smallest).shape[0] == 10 * smallest
+    with pytest.raises(ValueError, match=f"per_class {smallest + 1}: class .* has only {smallest} real digits"):
+        class_balanced(ids, train_y, smallest + 1)
+
+
+def test_floor_is_the_balanced_real_digits_as_samples(judge, split) -> None:
+    """The floor of a class-balanced real subset is exactly that subset judged as a sampler's output."""
+    train_x, train_y, test_x, test_y = split
+    floor_x = class_balanced(train_x, train_y, 50)
+    labels = torch.arange(10).repeat_interleave(50)
+    report = quality_report(judge, floor_x, test_x, test_y, {"real-50": (floor_x, labels)})
+    assert report["real-50"]["frechet"] == report["floor_frechet_train_vs_test"]
+    assert report["real-50"]["class_accuracy"] >= 0.97  # the grouping by class matches the labels

@@ -1,0 +1,197 @@
+"""Sweep the digits main job: train short variants of a config one after another and print their quality table.
+
+    python benchmarks/digits_sweep.py --out runs/sweep [--config configs/digits.yaml] [--variants FILE]
+        [--only NAME ...] [--seeds 42 43 44] [--set key=value ...] [--per-class N]
+
+A variant is a name and a set of `--set`-style overrides of the config (`{}` is the config itself). --variants reads
+them from a YAML or JSON file mapping each name to its overrides; without it the built-in coarse list below runs.
+Each (variant, seed) trains in its own run directory OUT/NAME-sSEED, in this process, and is judged by the digits
+quality report (soflow_fast/evaluation/digits_quality.py) with --per-class samples per class. A run directory whose
+quality.json is already at the run's last step is read, not retrained, so an interrupted sweep continues where it
+stopped (a half-trained run resumes from its checkpoint).
+
+The table reads each run's quality.json, metrics.jsonl and config.yaml: 1-NFE, 2-NFE and Euler-50 class accuracy and
+Frechet distance, the real-vs-real floor, and compute as model FLOPs (docs/algorithm.md section 8: forward MACs x 2 x
+forward-equivalents per step, x steps) relative to the unmodified config, so variants compare at equal compute even
+when the machine is shared; train seconds come from metrics.jsonl (wall time, CPU, unreliable under contention).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from soflow_fast.config import ConfigError, TrainConfig, load_config, parse_override
+from soflow_fast.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_split
+from soflow_fast.evaluation.digits_quality import EULER_STEPS, PER_CLASS, run_quality_report
+from soflow_fast.fileio import atomic_open
+from soflow_fast.models import build_model
+from soflow_fast.train import Trainer
+
+METHODS = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
+
+# The next pass around configs/digits.yaml (cfg_scale 1.5); steps keep its compute where a variant changes the
+# forward-equivalents per step (docs/algorithm.md section 8): 416 unguided, 640 at velocity_loss_ratio 0.5, vs 576.
+BUILTIN: dict[str, dict[str, Any]] = {
+    "base": {},
+    "cfg2.0": {"cfg_scale": 2.0},
+    "cfg1.4": {"cfg_scale": 1.4},
+    "cfg1.0-eq": {"cfg_scale": 1.0, "total_steps": 2490},
+    "vlr0.5-eq": {"velocity_loss_ratio": 0.5, "total_steps": 1620},
+}
+
+
+def read_variants(path: Optional[str]) -> dict[str, dict[str, Any]]:
+    """{name: overrides} from a YAML/JSON file (safe_load), or the built-in list."""
+    if path is None:
+        return dict(BUILTIN)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--variants {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--variants {path}: not valid YAML or JSON ({e})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--variants {path}: expected a non-empty mapping of variant names to overrides")
+    for name, sets in raw.items():
+        if not isinstance(sets, dict) and sets is not None:
+            raise ConfigError(f"--variants {path}: variant {name!r}: expected a mapping of keys to values")
+    return {str(name): dict(sets or {}) for name, sets in raw.items()}
+
+
+def compute_flops(cfg: TrainConfig) -> float:
+    """Model FLOPs of the whole run: forward MACs x 2 x forward-equivalents per step (docs/algorithm.md section 8)."""
+
+    sizes = {k: getattr(cfg, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
+             if getattr(cfg, k) is not None}
+    net = build_model(cfg.model_type, input_size=cfg.data_size, in_channels=IMAGE_SHAPE[0], num_classes=NUM_CLASSES,
+                      null_class=cfg.cfg_drop_rate > 0, device="meta", **sizes)
+    guided = cfg.cfg_scale > 1.0
+    return 2.0 * net.cfg.forward_macs() * cfg.hparams.forward_equivalents(cfg.batch_size, guided) * cfg.total_steps
+
+
+def train_seconds(metrics_path: Path, batch_size: int) -> float:
+    """Wall seconds of the training loop, summed over metrics.jsonl's logging windows (steps x batch / images/s)."""
+    total, last = 0.0, 0
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        total += (rec["step"] - last) * batch_size / rec["images_per_s"]
+        last = rec["step"]
+    return total
+
+
+def _finished(run_dir: Path, total_steps: int) -> bool:
+    path = run_dir / "quality.json"
+    return path.exists() and json.loads(path.read_text()).get("step") == total_steps
+
+
+def run_variant(cfg: TrainConfig, run_dir: Path, per_class: int) -> None:
+    """Train (or resume) one run and write its quality report, unless it is already finished."""
+    if _finished(run_dir, cfg.total_steps):
+        return
+    # the report is run here, with --per-class samples, instead of the trainer's default one at the end of fit
+    trainer = Trainer(dataclasses.replace(cfg, quality_report=False), run_dir)
+    trainer.fit(progress=False)
+    run_quality_report(trainer.ema_module(), trainer.flow, run_dir, seed=cfg.seed, step=trainer.step,
+                       ema_info={"ema_decay_rate": cfg.ema_decay_rate, "ema_warmup": cfg.ema_warmup},
+                       per_class=per_class)
+
+
+def row_of(name: str, run_dir: Path, base_flops: float) -> dict[str, Any]:
+    """One table row from a finished run directory's files."""
+    cfg = load_config(run_dir / "config.yaml")
+    quality = json.loads((run_dir / "quality.json").read_text())
+    row: dict[str, Any] = {"variant": name, "seed": cfg.seed, "steps": cfg.total_steps, "batch": cfg.batch_size,
+                           "compute": compute_flops(cfg) / base_flops,
+                           "floor": quality["floor_frechet_train_vs_test"],
+                           "train_s": train_seconds(run_dir / "metrics.jsonl", cfg.batch_size),
+                           "samples": quality["samples_per_method"]}
+    for m in METHODS:
+        row[f"{m} acc"] = quality[m]["class_accuracy"]
+        row[f"{m} FD"] = quality[m]["frechet"]
+    return row
+
+
+COLUMNS = [(f"{m} {k}", k) for m in METHODS for k in ("acc", "FD")] + [
+    ("floor", "FD"), ("1-NFE FD/floor", "ratio"), ("train_s", "s")]
+
+
+def _value(v: float, kind: str) -> str:
+    return f"{100 * v:.1f}%" if kind == "acc" else f"{v:.0f}" if kind == "s" else f"{v:.2f}"
+
+
+def _cell(group: list[dict[str, Any]], key: str, kind: str) -> str:
+    """One run's value, or mean [min, max] over a group of runs."""
+    vals = [r[key] for r in group]
+    if len(vals) == 1:
+        return _value(vals[0], kind)
+    return f"{_value(statistics.mean(vals), kind)} [{_value(min(vals), kind)}, {_value(max(vals), kind)}]"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per run, then a mean [min, max] row per variant run at more than one seed."""
+    head = ["variant", "seed", "steps", "batch", "compute"] + [name for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        r["1-NFE FD/floor"] = r["1-NFE FD"] / r["floor"]
+        groups.setdefault(r["variant"], []).append(r)
+    singles = [(str(r["seed"]), [r]) for r in rows]
+    means = [("mean", g) for g in groups.values() if len(g) > 1]
+    for seed, group in singles + means:
+        r = group[0]
+        cells = [r["variant"], seed, str(r["steps"]), str(r["batch"]), f"{r['compute']:.2f}x"]
+        lines.append("| " + " | ".join(cells + [_cell(group, key, kind) for key, kind in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder holding one run directory per variant and seed")
+    ap.add_argument("--config", default="configs/digits.yaml")
+    ap.add_argument("--variants", help="YAML/JSON file: {name: {key: value, ...}}; default: the built-in list")
+    ap.add_argument("--only", nargs="+", help="run only these variants of the list")
+    ap.add_argument("--seeds", nargs="+", type=int, help="run each variant at these seeds (default: the config's)")
+    ap.add_argument("--set", action="append", default=[], help="key=value applied to every variant (first)")
+    ap.add_argument("--per-class", type=int, default=PER_CLASS, help="samples per class for each Frechet figure")
+    args = ap.parse_args(argv)
+    try:
+        variants = read_variants(args.variants)
+        unknown = sorted(set(args.only or ()) - set(variants))
+        if unknown:
+            raise ConfigError(f"--only: no variant named {unknown[0]!r}; the list has {sorted(variants)}")
+        smallest = int(torch.bincount(load_digits_split()[1]).min())
+        if not 2 <= args.per_class <= smallest:
+            raise ConfigError(f"--per-class {args.per_class}: must lie in [2, {smallest}] (a covariance needs two "
+                              f"samples; the floor needs as many real training digits per class)")
+        common = dict(parse_override(s) for s in args.set)
+        base_flops = compute_flops(load_config(args.config, common))
+        rows = []
+        for name, sets in variants.items():
+            if args.only and name not in args.only:
+                continue
+            for seed in args.seeds or [None]:
+                cfg = load_config(args.config, {**common, **sets, **({} if seed is None else {"seed": seed})})
+                run_dir = Path(args.out) / f"{name}-s{cfg.seed}"
+                print(f"== {name} seed {cfg.seed}: {sets or 'the config as is'} -> {run_dir}", flush=True)
+                run_variant(cfg, run_dir, args.per_class)
+                rows.append(row_of(name, run_dir, base_flops))
+    except ConfigError as e:
+        print(f"digits_sweep: {e}", file=sys.stderr)
+        return 2
+    table = format_table(rows)
+    with atomic_open(Path(args.out) / "sweep.md", "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
