@@ -18,6 +18,7 @@ only at logging steps and saves, where on_nonfinite 'stop', or max_consecutive_s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ import torch
 import yaml
 from torch import Tensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .attention import attention_for_model
 from .checkpoint import Checkpointer, check_same_model, consolidate, load_state_strict, read_meta
@@ -258,7 +260,7 @@ class Trainer:
                    mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True)
         t0 = time.perf_counter()
         compiling = self.compile != "none" and self.dist.is_main  # the first step traces and compiles each call
-        with GracefulStop(save_minutes=cfg.save_every_minutes) as stop:
+        with GracefulStop(save_minutes=cfg.save_every_minutes) as stop, _bar_safe_logging(bar):
             while self.step < end:
                 self.profiler.begin(self.step + 1)
                 x0, y = self.loader.next()
@@ -304,6 +306,14 @@ class Trainer:
                  cfg.kernels, self.kernel_ops.describe(), self.compile, " (CUDA graphs)" if cfg.cuda_graphs else "",
                  self.attention.name, self.optimizer_kind, sum(p.numel() for p in self.params) / 1e6,
                  cfg.batch_size, self.dist.world_size, self.accum, self.micro, self.step, end)
+
+
+def _bar_safe_logging(bar: tqdm) -> contextlib.AbstractContextManager:
+    """While the bar is up, console log lines go through tqdm.write, so they are not printed into the bar's line;
+    nothing changes where the root logger prints nothing to the console (library use, tests)."""
+    console = any(type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)
+                  for h in logging.root.handlers)
+    return logging_redirect_tqdm() if console and not bar.disable else contextlib.nullcontext()
 
 
 def _read_init(path: str) -> dict:

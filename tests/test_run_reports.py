@@ -1,6 +1,7 @@
 """What a cluster user reads of a run: train.log, TensorBoard scalars, the tqdm bar, the profiler window, and the
 safetensors export read back by `sample` (issue 16, "What cluster users expect")."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,17 @@ def test_progress_is_a_tqdm_bar_unless_no_progress(tmp_path, capsys):
     assert "100%|" in err and "| 2/2 [" in err and "step/s, loss=" in err  # tqdm's layout, with the logged loss
     assert main(["train", cfg, "--run-dir", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "2/2 [" not in capsys.readouterr().err
+
+
+def test_log_lines_are_not_printed_into_the_bar(tmp_path):
+    """With the bar up, a log line starts a line of its own (after the bar is cleared with a carriage return), in a
+    log file as on a terminal: printed straight to the stream it would follow the bar's text on the bar's line."""
+    out = subprocess.run([sys.executable, "-m", "soflow_fast", "train", config(tmp_path, total_steps=6),
+                          "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    starts = [m.start() for m in re.finditer(r"\[\d\d:\d\d:\d\d\] step \d+ ", out.stderr)]
+    assert len(starts) == 3 and "step/s" in out.stderr, out.stderr
+    assert all(i == 0 or out.stderr[i - 1] in "\r\n" for i in starts), out.stderr
 
 
 def _step_marks(trace: Path) -> list[int]:
