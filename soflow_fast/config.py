@@ -29,6 +29,7 @@ from .flow import L_SCHEDULES, Flow
 from .kernel_ops import KERNEL_MODES
 from .models import is_model_type
 from .optim import KINDS as OPTIMIZERS
+from .optim import LR_SCHEDULES, lr_at
 from .parallel import COMPILE_MODES, DEVICES, PARALLEL_MODES
 from .precision import PRECISIONS
 from .step import SoFlowHParams
@@ -39,6 +40,7 @@ DatasetType = Literal[DATASETS]
 KernelMode = Literal[KERNEL_MODES]
 PrecisionMode = Literal[PRECISIONS]
 OptimizerKind = Literal[("auto", *OPTIMIZERS)]
+LrSchedule = Literal[LR_SCHEDULES]
 OnNonfinite = Literal["stop", "skip"]
 BadImages = Literal["error", "skip"]
 Device = Literal[DEVICES]
@@ -176,6 +178,13 @@ class TrainConfig:
     augment_p: Optional[float] = opt(None, "EDM augmentation probability (null = auto: 0.12 for CIFAR10, else 0)",
                                      UNIT, fixed=True)
     grad_clip: float = opt(0.0, "max gradient norm (0 = no clipping; the norm is logged either way)", NON_NEGATIVE)
+    lr_schedule: LrSchedule = opt("constant", "learning-rate decay after the warm-up: constant (the reference) | "
+                                  "linear | cosine, down to learning_rate x lr_end_ratio at total_steps "
+                                  "(docs/algorithm.md section 9)")
+    lr_warmup_steps: int = opt(0, "steps of linear learning-rate warm-up from learning_rate / lr_warmup_steps",
+                               NON_NEGATIVE)
+    lr_end_ratio: float = opt(0.0, "linear or cosine lr_schedule: the learning rate at total_steps, as a fraction of "
+                                   "learning_rate", UNIT)
     ema_warmup: bool = opt(False, "EMA decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs")
     on_nonfinite: OnNonfinite = opt("stop", "a non-finite loss or gradient's update is skipped on the device; stop "
                                             "raises at the next logging step or checkpoint, skip continues")
@@ -234,6 +243,11 @@ class TrainConfig:
     def resolved_augment_p(self) -> float:
         return (0.12 if self.dataset_type == "CIFAR10" else 0.0) if self.augment_p is None else self.augment_p
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based; optim.lr_at)."""
+        return lr_at(step, self.learning_rate, self.lr_schedule, self.lr_warmup_steps, self.total_steps,
+                     self.lr_end_ratio)
+
     @property
     def hparams(self) -> SoFlowHParams:
         return SoFlowHParams(
@@ -280,6 +294,10 @@ class TrainConfig:
             raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
         if self.l_schedule.lower() == "exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
             raise bad("l_end_ratio" if self.l_end_ratio <= 0 else "l_init_ratio", "Exponent needs ratios > 0")
+        if self.lr_warmup_steps >= self.total_steps:
+            raise bad("lr_warmup_steps", f"the warm-up must end before total_steps ({self.total_steps})")
+        if self.lr_schedule == "constant" and self.lr_end_ratio != 0.0:
+            raise bad("lr_end_ratio", "applies to a decaying lr_schedule (linear or cosine), not constant")
         if self.attention != "auto" and not dit:
             raise bad("attention", "the U-Net's attention is chosen per call; only auto applies to it")
         if self.compile == "blocks" and not dit:

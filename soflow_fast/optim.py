@@ -17,6 +17,7 @@ the device, so the host never reads the flag: see `optimizer_step`.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -28,6 +29,7 @@ except ImportError:  # extension not built: see BUILD_HINT
     _fused_optim = None
 
 KINDS = ("adamw", "radam", "fused_adamw_ema", "apex")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 BUILD_HINT = (
     "soflow_fast._fused_optim is not built; rebuild the package with torch importable at build time: "
     "`pip install --no-build-isolation -e .` (a C++ compiler is needed; for its CUDA kernel, a CUDA "
@@ -149,6 +151,23 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                                               group["weight_decay"], decay)
             ema_update_(no_grad_e, no_grad_p, decay)
         return loss
+
+
+def lr_at(step: int, base: float, schedule: str = "constant", warmup: int = 0, total: int = 1,
+          end_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based) of a `total`-step run (docs/algorithm.md section 9): a
+    linear warm-up base * (step + 1) / warmup over the first `warmup` steps, then `schedule` from base towards
+    base * end_ratio, reached at step `total` (constant: base throughout). A function of the step alone, so a resumed
+    run continues the same curve."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base * (end_ratio + (1.0 - end_ratio) * shape)
 
 
 def build_optimizer(kind: str, params, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,

@@ -228,6 +228,9 @@ class Trainer:
         grad_norm = full_tensor(grad_norm).float()
         check = all_reduce_mean(torch.stack([values[0], grad_norm]))
         found_inf = torch.isfinite(check).all().logical_not().float()
+        lr = self.cfg.lr_at(self.step)  # the schedule's, set every step: a host float, no sync
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.ema.step(self.optimizer, self.step, found_inf)
         keys, values = ["loss", *out.stats, "grad_norm"], torch.cat([values, grad_norm[None]])
         self.metrics.stats.add(keys, values, found_inf, check, self.step + 1)

@@ -81,6 +81,11 @@ def _with(**kw):
     (dict(on_nonfinite="ignore"), "on_nonfinite"),
     (dict(cfg_scale=0.5), "cfg_scale"),
     (dict(total_steps=0), "total_steps"),
+    (dict(lr_schedule="step"), "lr_schedule"),
+    (dict(lr_warmup_steps=-1), "lr_warmup_steps"),
+    (dict(lr_warmup_steps=400000), "lr_warmup_steps"),  # = total_steps: no step left after the warm-up
+    (dict(lr_end_ratio=0.1), "lr_end_ratio"),  # with the constant schedule it would be ignored
+    (dict(lr_schedule="linear", lr_end_ratio=1.5), "lr_end_ratio"),
     (dict(learing_rate=1e-4), "learing_rate"),  # a typo is an unknown key, not silently ignored
 ])
 def test_bad_values_name_the_key(change, key):

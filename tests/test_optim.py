@@ -228,3 +228,21 @@ def test_found_inf_makes_the_step_a_noop_on_the_device(kind):
         (params_a, state_a), (params_b, state_b) = runs
         assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
         assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_lr_schedule_values():
+    """optim.lr_at against docs/algorithm.md section 9, at points where the three shapes differ (exact floats: the
+    same few operations)."""
+    from soflow_fast.optim import lr_at
+
+    base, W, K = 1e-3, 4, 104
+    assert [lr_at(k, base, "cosine", W, K) for k in range(W)] == [base * (k + 1) / W for k in range(W)]
+    assert lr_at(W, base, "linear", W, K) == base and lr_at(W, base, "cosine", W, K) == base
+    quarter = W + (K - W) // 4  # p = 1/4: linear 3/4, cosine (1 + cos(pi/4)) / 2 ~ 0.854
+    assert lr_at(quarter, base, "linear", W, K, 0.1) == pytest.approx(base * (0.1 + 0.9 * 0.75), rel=1e-12)
+    assert lr_at(quarter, base, "cosine", W, K, 0.1) == pytest.approx(base * (0.1 + 0.9 * 0.8535533905932737),
+                                                                       rel=1e-12)
+    assert lr_at(K - 1, base, "linear", W, K) == pytest.approx(base / (K - W), rel=1e-12)  # the last step's
+    assert all(lr_at(k, base, "constant", 0, K) == base for k in (0, K // 2, K - 1))
+    with pytest.raises(ValueError, match="step"):
+        lr_at(0, base, "step")

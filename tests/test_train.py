@@ -26,13 +26,14 @@ def flat_state(tr):
     return [p.detach().clone() for p in tr.params] + [e.clone() for e in tr.ema.tensors]
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    straight = make(tmp_path, "a")
+@pytest.mark.parametrize("schedule", [{}, dict(lr_schedule="cosine", lr_warmup_steps=2, lr_end_ratio=0.1)])
+def test_resume_continues_bit_for_bit(tmp_path, schedule):
+    straight = make(tmp_path, "a", **schedule)
     straight.fit(progress=False)
 
-    first = make(tmp_path, "b")
+    first = make(tmp_path, "b", **schedule)
     first.fit(max_steps=3, progress=False)  # stops at step 3, which is also a checkpoint step
-    resumed = make(tmp_path, "b")           # a fresh process would do the same: a new Trainer on the run directory
+    resumed = make(tmp_path, "b", **schedule)  # a fresh process would do the same: a new Trainer on the run directory
     assert resumed.step == 3
     resumed.fit(progress=False)
     assert resumed.step == 6
@@ -113,6 +114,20 @@ def test_checkpoints_are_atomic_pruned_and_validated(tmp_path):
     shutil.rmtree(last)
     with pytest.raises(ValueError, match="hidden_size"):
         make(tmp_path, total_steps=9, keep_checkpoints=2, hidden_size=48)
+
+
+def test_lr_schedule_drives_the_optimizer(tmp_path):
+    """The first warm-up step updates exactly as a constant run at learning_rate / lr_warmup_steps; later steps log
+    the schedule's rate (cfg.lr_at: optim.lr_at, tested against its formula in test_optim.py)."""
+    warm = make(tmp_path, "w", lr_schedule="linear", lr_warmup_steps=4, total_steps=8, logging_steps=2)
+    warm.fit(max_steps=1, progress=False)
+    plain = make(tmp_path, "p", learning_rate=SMALL["learning_rate"] / 4)
+    plain.fit(max_steps=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(flat_state(warm), flat_state(plain)))
+    warm.fit(progress=False)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "w" / "metrics.jsonl").read_text().splitlines())}
+    assert [logged[s] for s in (2, 4, 6, 8)] == [warm.cfg.lr_at(s - 1) for s in (2, 4, 6, 8)]
+    assert logged[2] < logged[4] > logged[6] > logged[8] > 0
 
 
 def test_ema_warmup_decay():
