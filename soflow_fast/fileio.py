@@ -1,7 +1,9 @@
-"""Writing files so that nothing already written is lost: to a temporary sibling, fsync, then rename."""
+"""Writing files so that nothing already written is lost (to a temporary sibling, fsync, then rename), and their
+checksums."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import IO, Iterator
@@ -23,3 +25,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The file's SHA-256, hex, read in `chunk`-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

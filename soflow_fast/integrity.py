@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import list_checkpoints
-from .data.latents import sha256_file
+from .fileio import sha256_file
 from .fileio import atomic_open
 
 log = logging.getLogger("soflow_fast")

@@ -14,7 +14,6 @@ into samples (docs/algorithm.md section 6): x0 = (mean + std * eps) * LATENT_SCA
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..fileio import sha256_file
 from ..vae import posterior_sample
 from .loader import BatchDraws, EpochLoader
 
@@ -41,14 +41,6 @@ class LatentDataError(ValueError):
 
 def shard_names(k: int) -> tuple[str, str]:
     return f"shard-{k:05d}.npy", f"shard-{k:05d}.labels.npy"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, int]:

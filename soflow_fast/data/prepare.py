@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..fileio import atomic_open
+from ..fileio import atomic_open, sha256_file
 from ..vae import LATENT_SCALE, VAEError, encode, load_vae
-from .latents import FORMAT, MANIFEST, LatentDataError, check_npy, sha256_file, shard_names
+from .latents import FORMAT, MANIFEST, LatentDataError, check_npy, shard_names
 
 log = logging.getLogger("soflow_fast")
 
