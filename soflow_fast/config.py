@@ -186,6 +186,10 @@ class TrainConfig:
     lr_end_ratio: float = opt(0.0, "linear or cosine lr_schedule: the learning rate at total_steps, as a fraction of "
                                    "learning_rate", UNIT)
     ema_warmup: bool = opt(False, "EMA decay min(ema_decay_rate, (1 + k) / (10 + k)): for short runs")
+    ema_power: Optional[float] = opt(None, "the power-function EMA: decay min(ema_decay_rate, (k / (k + 1))^(ema_power "
+                                           "+ 1)) at step k, so the EMA averages the run's weights in proportion to "
+                                           "step^ema_power (0: the plain mean; lower: a longer average; "
+                                           "docs/algorithm.md section 9); null = off", NON_NEGATIVE)
     on_nonfinite: OnNonfinite = opt("stop", "a non-finite loss or gradient's update is skipped on the device; stop "
                                             "raises at the next logging step or checkpoint, skip continues")
     max_consecutive_skips: int = opt(20, "on_nonfinite skip: stop (exit 1) once this many consecutive steps were "
@@ -243,6 +247,11 @@ class TrainConfig:
     def resolved_augment_p(self) -> float:
         return (0.12 if self.dataset_type == "CIFAR10" else 0.0) if self.augment_p is None else self.augment_p
 
+    @property
+    def ema_info(self) -> dict[str, Any]:
+        """The EMA's settings, recorded with a quality report."""
+        return {"ema_decay_rate": self.ema_decay_rate, "ema_warmup": self.ema_warmup, "ema_power": self.ema_power}
+
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based; optim.lr_at)."""
         return lr_at(step, self.learning_rate, self.lr_schedule, self.lr_warmup_steps, self.total_steps,
@@ -294,6 +303,8 @@ class TrainConfig:
             raise bad("cfg_scale", "guidance needs class labels (num_classes > 0)")
         if self.l_schedule.lower() == "exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
             raise bad("l_end_ratio" if self.l_end_ratio <= 0 else "l_init_ratio", "Exponent needs ratios > 0")
+        if self.ema_power is not None and self.ema_warmup:
+            raise bad("ema_power", "ema_power and ema_warmup each set the EMA's early decay; choose one")
         if self.lr_warmup_steps >= self.total_steps:
             raise bad("lr_warmup_steps", f"the warm-up must end before total_steps ({self.total_steps})")
         if self.lr_schedule == "constant" and self.lr_end_ratio != 0.0:

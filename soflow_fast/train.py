@@ -133,7 +133,8 @@ class Trainer:
         named = list(self.model.named_parameters())  # in place under FSDP2 and replicate: the network's names
         self.params = [p for _, p in named]
         self.trainable = [p for p in self.params if p.requires_grad]
-        self.ema = EMA([n for n, _ in named], self.params, cfg.ema_decay_rate, cfg.ema_warmup, cfg.resolved_ema_every)
+        self.ema = EMA([n for n, _ in named], self.params, cfg.ema_decay_rate, cfg.ema_warmup, cfg.resolved_ema_every,
+                       cfg.ema_power)
         self.optimizer_kind = cfg.resolved_optimizer
         if self.optimizer_kind == "fused_adamw_ema" and fsdp:
             raise ConfigError("config: optimizer = 'fused_adamw_ema' takes plain tensors, not FSDP shards; "

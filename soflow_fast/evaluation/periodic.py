@@ -49,7 +49,7 @@ class Evaluator:
             ema = self.ema_module()
             if self.dist.is_main:
                 run_quality_report(ema, self.flow, self.run_dir, seed=cfg.seed, step=step,
-                                   ema_info={"ema_decay_rate": cfg.ema_decay_rate, "ema_warmup": cfg.ema_warmup})
+                                   ema_info=cfg.ema_info)
 
     def sample_grid(self, step: int) -> Optional[Path]:
         """A grid of EMA samples (labels cycling through the classes) in run_dir/samples/."""
