@@ -100,8 +100,7 @@ def run_variant(cfg: TrainConfig, run_dir: Path, per_class: int) -> None:
     trainer = Trainer(dataclasses.replace(cfg, quality_report=False), run_dir)
     trainer.fit(progress=False)
     run_quality_report(trainer.ema_module(), trainer.flow, run_dir, seed=cfg.seed, step=trainer.step,
-                       ema_info=cfg.ema_info,
-                       per_class=per_class)
+                       ema_info=cfg.ema_info, per_class=per_class)
 
 
 def row_of(name: str, run_dir: Path, base_flops: float) -> dict[str, Any]:
