@@ -54,7 +54,10 @@ def test_sweep_runs_variants_and_reuses_finished_runs(tmp_path, capsys):
                              *gaussian_stats(judge.features(test_x)))
     assert rows["guided"]["floor"] == rows["unguided"]["floor"] == floor
     # Without guidance there is no teacher call: 3B + n_c forward-equivalents instead of 3B + n_fm + 3 n_c.
-    assert rows["unguided"]["compute"] / rows["guided"]["compute"] == pytest.approx((3 * 16 + 4) / (3 * 16 + 12 + 12))
+    n_fm = int(load_config(ROOT / "configs" / "digits.yaml").velocity_loss_ratio * 16)
+    n_c = 16 - n_fm
+    assert rows["unguided"]["compute"] / rows["guided"]["compute"] == pytest.approx(
+        (3 * 16 + n_c) / (3 * 16 + n_fm + 3 * n_c))
     lines = [ln for ln in first.splitlines() if ln.startswith("| guided") or ln.startswith("| unguided")]
     assert len(lines) == 2
     assert f"{rows['guided']['1-NFE FD']:.2f}" in lines[0] and "| 1.00x |" in lines[0]
@@ -66,13 +69,39 @@ def test_sweep_runs_variants_and_reuses_finished_runs(tmp_path, capsys):
     assert capsys.readouterr().out.endswith(first[first.index("| variant"):])
 
 
+def test_draws_judge_the_model_several_times(tmp_path, capsys):
+    variants = tmp_path / "v.yaml"
+    variants.write_text("a: {}\n")
+    assert sweep.main(_args(tmp_path, variants) + ["--draws", "3"]) == 0
+    run = tmp_path / "out" / "a-s42"
+    quality = json.loads((run / "quality.json").read_text())
+    draws = json.loads((run / "quality_draws.json").read_text())
+    assert draws["seeds"] == [43, 44, 45] and draws["step"] == 3 and draws["per_class"] == 3
+    for m in sweep.METHODS:
+        # The first draw is quality.json's (sample seed 43), judged again from the saved EMA weights.
+        assert draws[m]["frechet"][0] == quality[m]["frechet"]
+        assert draws[m]["class_accuracy"][0] == quality[m]["class_accuracy"]
+        assert len(set(draws[m]["frechet"])) == 3  # new samples each draw
+    row = sweep.row_of("a", run, 1.0, draws)
+    one, two = draws["1-NFE"]["frechet"], draws["2-NFE"]["frechet"]
+    assert row["1-NFE FD"] == pytest.approx(sum(one) / 3) and row["draws"] == 3
+    assert row["2-NFE FD <= 1-NFE"] == sum(b <= a for a, b in zip(one, two)) / 3
+    table = capsys.readouterr().out
+    assert f"| {row['1-NFE FD']:.2f} |" in table and f"| 3 | {row['1-NFE FD sd']:.2f} |" in table
+    # A second call reads the cached draws.
+    stamp = (run / "quality_draws.json").stat().st_mtime_ns
+    assert sweep.main(_args(tmp_path, variants) + ["--draws", "3"]) == 0
+    assert (run / "quality_draws.json").stat().st_mtime_ns == stamp
+
+
 def test_seed_spread_row(tmp_path, capsys):
     rows = [{"variant": "v", "seed": s, "steps": 3, "batch": 16, "compute": 1.0, "floor": 1.0, "train_s": 2.0,
-             "1-NFE acc": a, "1-NFE FD": fd, "2-NFE acc": a, "2-NFE FD": fd, "euler-50 acc": a, "euler-50 FD": fd}
+             "1-NFE acc": a, "1-NFE FD": fd, "2-NFE acc": a, "2-NFE FD": fd, "euler-50 acc": a, "euler-50 FD": fd,
+             "draws": 1, "1-NFE FD sd": None, "2-NFE FD <= 1-NFE": 1.0}
             for s, a, fd in ((42, 0.99, 3.0), (43, 0.98, 5.0))]
     table = sweep.format_table(rows)
     mean = [ln for ln in table.splitlines() if "| mean |" in ln]
-    assert len(mean) == 1 and "| 98.5% [98.0%, 99.0%] | 4.00 [3.00, 5.00] |" in mean[0]
+    assert len(mean) == 1 and "| 98.50% [98.00%, 99.00%] | 4.00 [3.00, 5.00] |" in mean[0]
 
 
 @pytest.mark.parametrize("content, flag, message", [
@@ -94,6 +123,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, content, flag, message):
     (["--per-class", "1"], "--per-class 1", "must lie in [2, 139]"),
     (["--per-class", "140"], "--per-class 140", "must lie in [2, 139]"),
     (["--only", "nope"], "--only", "no variant named 'nope'"),
+    (["--draws", "0"], "--draws 0", "must be at least 1"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, extra, flag, message):
     variants = tmp_path / "v.yaml"

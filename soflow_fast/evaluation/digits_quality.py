@@ -22,6 +22,7 @@ log = logging.getLogger("soflow_fast")
 # moved (12.7 and 12.8), so fewer samples would flatter the ratio to the floor and make it noisier.
 PER_CLASS = 139
 EULER_STEPS = 50
+METHODS = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
 
 
 def generate(net: torch.nn.Module, flow: Flow, method: str, per_class: int, seed: int,
@@ -42,9 +43,8 @@ def run_quality_report(ema: torch.nn.Module, flow: Flow, run_dir: str | os.PathL
     train_x, train_y, test_x, test_y = load_digits_split()
     floor_x = class_balanced(train_x, train_y, per_class)
     judge = DigitsJudge.train_on(train_x, train_y, seed=0)
-    methods = ("1-NFE", "2-NFE", f"euler-{EULER_STEPS}")
     device = next(ema.parameters()).device
-    samples = {m: generate(ema, flow, m, per_class, seed + 1, device) for m in methods}
+    samples = {m: generate(ema, flow, m, per_class, seed + 1, device) for m in METHODS}
     report = quality_report(judge, floor_x, test_x, test_y, samples)
     report.update(weights="ema", **ema_info, step=step, samples_per_method=per_class * NUM_CLASSES,
                   floor_real_digits=floor_x.shape[0])
@@ -53,3 +53,21 @@ def run_quality_report(ema: torch.nn.Module, flow: Flow, run_dir: str | os.PathL
         json.dump(report, fh, indent=2)
     print("quality of the EMA weights at step %d (%s):\n%s" % (step, path, format_report(report)))
     return report
+
+
+def judge_draws(ema: torch.nn.Module, flow: Flow, seeds: list[int], per_class: int = PER_CLASS) -> dict:
+    """Every method's class accuracy and Frechet distance for one model and several sample draws (one per seed), with
+    the report's judge and floor: how much of a figure is the draw. The draw of seed + 1 is run_quality_report's.
+    Returns {method: {"class_accuracy": [...], "frechet": [...]}} in the order of seeds."""
+    train_x, train_y, test_x, test_y = load_digits_split()
+    floor_x = class_balanced(train_x, train_y, per_class)
+    judge = DigitsJudge.train_on(train_x, train_y, seed=0)
+    device = next(ema.parameters()).device
+    out: dict = {m: {"class_accuracy": [], "frechet": []} for m in METHODS}
+    for s in seeds:
+        report = quality_report(judge, floor_x, test_x, test_y,
+                                {m: generate(ema, flow, m, per_class, s, device) for m in METHODS})
+        for m in METHODS:
+            for k in ("class_accuracy", "frechet"):
+                out[m][k].append(report[m][k])
+    return out
