@@ -36,18 +36,24 @@ def generate(net: torch.nn.Module, flow: Flow, method: str, per_class: int, seed
     return x.float().cpu(), y.cpu()
 
 
-def run_quality_report(ema: torch.nn.Module, flow: Flow, run_dir: str | os.PathLike, *, seed: int, step: int,
-                       ema_info: dict, per_class: int = PER_CLASS) -> dict:
-    """Judge the EMA model `ema` of a digits run at `step`; print the table and write run_dir/quality.json.
-    Samples come from seed + 1; ema_info (decay rate, warm-up) is recorded with the report."""
+def _reports(ema: torch.nn.Module, flow: Flow, seeds: list[int], per_class: int) -> list[dict]:
+    """quality_report of one sample draw per seed (every method), with one judge and floor for all of them."""
     train_x, train_y, test_x, test_y = load_digits_split()
     floor_x = class_balanced(train_x, train_y, per_class)
     judge = DigitsJudge.train_on(train_x, train_y, seed=0)
     device = next(ema.parameters()).device
-    samples = {m: generate(ema, flow, m, per_class, seed + 1, device) for m in METHODS}
-    report = quality_report(judge, floor_x, test_x, test_y, samples)
+    return [quality_report(judge, floor_x, test_x, test_y,
+                           {m: generate(ema, flow, m, per_class, s, device) for m in METHODS}) for s in seeds]
+
+
+def run_quality_report(ema: torch.nn.Module, flow: Flow, run_dir: str | os.PathLike, *, seed: int, step: int,
+                       ema_info: dict, per_class: int = PER_CLASS) -> dict:
+    """Judge the EMA model `ema` of a digits run at `step`; print the table and write run_dir/quality.json.
+    Samples come from seed + 1; ema_info (decay rate, warm-up) is recorded with the report."""
+    report = _reports(ema, flow, [seed + 1], per_class)[0]
+    # class_balanced takes per_class real digits of every class for the floor
     report.update(weights="ema", **ema_info, step=step, samples_per_method=per_class * NUM_CLASSES,
-                  floor_real_digits=floor_x.shape[0])
+                  floor_real_digits=per_class * NUM_CLASSES)
     path = Path(run_dir) / "quality.json"
     with atomic_open(path, "w") as fh:
         json.dump(report, fh, indent=2)
@@ -59,15 +65,5 @@ def judge_draws(ema: torch.nn.Module, flow: Flow, seeds: list[int], per_class: i
     """Every method's class accuracy and Frechet distance for one model and several sample draws (one per seed), with
     the report's judge and floor: how much of a figure is the draw. The draw of seed + 1 is run_quality_report's.
     Returns {method: {"class_accuracy": [...], "frechet": [...]}} in the order of seeds."""
-    train_x, train_y, test_x, test_y = load_digits_split()
-    floor_x = class_balanced(train_x, train_y, per_class)
-    judge = DigitsJudge.train_on(train_x, train_y, seed=0)
-    device = next(ema.parameters()).device
-    out: dict = {m: {"class_accuracy": [], "frechet": []} for m in METHODS}
-    for s in seeds:
-        report = quality_report(judge, floor_x, test_x, test_y,
-                                {m: generate(ema, flow, m, per_class, s, device) for m in METHODS})
-        for m in METHODS:
-            for k in ("class_accuracy", "frechet"):
-                out[m][k].append(report[m][k])
-    return out
+    reports = _reports(ema, flow, seeds, per_class)
+    return {m: {k: [r[m][k] for r in reports] for k in ("class_accuracy", "frechet")} for m in METHODS}
