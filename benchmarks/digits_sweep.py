@@ -118,8 +118,11 @@ def draws_of(run_dir: Path, cfg: TrainConfig, per_class: int, n: int) -> dict:
         cached = json.loads(path.read_text())
         if {k: cached.get(k) for k in key} == key:
             return cached
-    ema = model_from_checkpoint(consolidate(run_dir))
-    result = {**key, **judge_draws(ema, cfg.flow, key["seeds"], per_class)}
+    try:
+        ckpt = consolidate(run_dir)
+    except FileNotFoundError as e:  # e.g. checkpoints deleted after the run to save space
+        raise ConfigError(f"--draws {n}: new draws need the run's saved weights ({e})") from None
+    result = {**key, **judge_draws(model_from_checkpoint(ckpt), cfg.flow, key["seeds"], per_class)}
     with atomic_open(path, "w") as fh:
         json.dump(result, fh, indent=2)
     return result

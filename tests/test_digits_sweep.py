@@ -2,6 +2,7 @@
 overrides reach its run, the table reads every run's files, a second call reuses finished runs, and bad input is one
 line naming the flag or key."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -92,6 +93,12 @@ def test_draws_judge_the_model_several_times(tmp_path, capsys):
     stamp = (run / "quality_draws.json").stat().st_mtime_ns
     assert sweep.main(_args(tmp_path, variants) + ["--draws", "3"]) == 0
     assert (run / "quality_draws.json").stat().st_mtime_ns == stamp
+    # More draws than cached need the saved weights: without them, one line naming the flag.
+    shutil.rmtree(run / "ckpts")
+    capsys.readouterr()
+    assert sweep.main(_args(tmp_path, variants) + ["--draws", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("digits_sweep: --draws 4: new draws need the run's saved")
 
 
 def test_seed_spread_row(tmp_path, capsys):
