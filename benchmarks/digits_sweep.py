@@ -38,13 +38,14 @@ from soflow_fast.checkpoint import consolidate, model_from_checkpoint
 from soflow_fast.config import ConfigError, TrainConfig, load_config, parse_override
 from soflow_fast.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_split
 from soflow_fast.evaluation.digits_quality import METHODS, PER_CLASS, judge_draws, run_quality_report
+from soflow_fast.errors import UserError
 from soflow_fast.fileio import atomic_open
 from soflow_fast.models import build_model
 from soflow_fast.train import Trainer
 
 # The next pass around configs/digits.yaml (velocity_loss_ratio 0.5, cfg_scale 1.4); steps keep its compute where a
 # variant changes the forward-equivalents per step (docs/algorithm.md section 8): 616 at ratio 0.6 and 576 at 0.75,
-# vs 640. Open questions: what makes 2-NFE beat 1-NFE again at this ratio, and 1-NFE accuracy above 99.5%.
+# vs 640. benchmarks/RESULTS.md ("Third pass"): at this budget 2-NFE parity and one-step accuracy trade off.
 BUILTIN: dict[str, dict[str, Any]] = {
     "base": {},
     "cfg1.45": {"cfg_scale": 1.45},
@@ -121,7 +122,7 @@ def draws_of(run_dir: Path, cfg: TrainConfig, per_class: int, n: int) -> dict:
     try:
         ckpt = consolidate(run_dir)
     except FileNotFoundError as e:  # e.g. checkpoints deleted after the run to save space
-        raise ConfigError(f"--draws {n}: new draws need the run's saved weights ({e})") from None
+        raise UserError(f"--draws {n}: new draws need the run's saved weights ({e})") from None
     result = {**key, **judge_draws(model_from_checkpoint(ckpt), cfg.flow, key["seeds"], per_class)}
     with atomic_open(path, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -222,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 run_variant(cfg, run_dir, args.per_class)
                 draws = draws_of(run_dir, cfg, args.per_class, args.draws) if args.draws > 1 else None
                 rows.append(row_of(name, run_dir, base_flops, draws))
-    except ConfigError as e:
+    except UserError as e:  # ConfigError is one too; anything else is a bug and keeps its traceback
         print(f"digits_sweep: {e}", file=sys.stderr)
         return 2
     table = format_table(rows)
