@@ -138,3 +138,11 @@ def test_bad_flags_are_one_line(tmp_path, capsys, extra, flag, message):
     assert sweep.main(_args(tmp_path, variants) + extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("digits_sweep: ") and flag in err and message in err
+
+
+def test_a_diverged_variant_is_one_line(tmp_path, capsys):
+    variants = tmp_path / "v.yaml"
+    variants.write_text("a: {learning_rate: 1.0e+30}\n")
+    assert sweep.main(_args(tmp_path, variants)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("digits_sweep: step ") and "non-finite loss" in err
