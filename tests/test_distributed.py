@@ -188,6 +188,29 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, single):
     assert step == done_step + 2
 
 
+def test_sigterm_to_torchrun_saves_one_step_and_resumes_on_one_rank_as_if_uninterrupted(tmp_path):
+    """SLURM signals the launcher, not the workers: torchrun forwards SIGTERM, both FSDP ranks save the same step and
+    stop, and one process resumes from that checkpoint to the weights of a run that was never stopped."""
+    long = dict(total_steps=100_000, ckpt_saving_steps=100_000)  # no periodic save: the only checkpoint is the stop's
+    proc = train(tmp_path, "t", ranks=2, parallel="fsdp", wait=False, **long)
+    log = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and (not log.exists() or len(log.read_text().split()) < 2):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent only
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 1, out  # torchrun's own status when signalled (docs/cluster.md), not its workers'
+    done = latest_checkpoint(tmp_path / "t")
+    assert done is not None, out
+    stopped = int(done.name[len("step_"):])
+    assert f"stopped on request (SIGTERM) at step {stopped}" in out
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()][-1] == stopped  # no step after the save
+    r = train(tmp_path, "t", micro_batch_size=8, max_steps=stopped + 2, **long)
+    assert f"resumed from {done}" in r.stdout + r.stderr
+    train(tmp_path, "u", micro_batch_size=8, max_steps=stopped + 2, **long)
+    assert_same(tmp_path, "t", "u")
+
+
 def test_sampling_is_world_size_independent_and_resumable(tmp_path, single):
     import numpy as np
 
