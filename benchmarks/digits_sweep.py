@@ -37,8 +37,8 @@ import yaml
 from soflow_fast.checkpoint import consolidate, model_from_checkpoint
 from soflow_fast.config import ConfigError, TrainConfig, load_config, parse_override
 from soflow_fast.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_split
-from soflow_fast.evaluation.digits_quality import METHODS, PER_CLASS, judge_draws, run_quality_report
 from soflow_fast.errors import RunFailed, UserError
+from soflow_fast.evaluation.digits_quality import METHODS, PER_CLASS, judge_draws, run_quality_report
 from soflow_fast.fileio import atomic_open
 from soflow_fast.models import build_model
 from soflow_fast.train import Trainer

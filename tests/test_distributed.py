@@ -195,7 +195,8 @@ def test_sigterm_to_torchrun_saves_one_step_and_resumes_on_one_rank_as_if_uninte
     proc = train(tmp_path, "t", ranks=2, parallel="fsdp", wait=False, **long)
     log = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and (not log.exists() or len(log.read_text().split()) < 2):
+    while (time.time() < deadline and proc.poll() is None
+           and (not log.exists() or len(log.read_text().splitlines()) < 2)):  # two logged steps
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent only
     out = proc.communicate(timeout=300)[0].decode()
