@@ -45,7 +45,7 @@ from soflow_fast.train import Trainer
 
 # The next pass around configs/digits.yaml (velocity_loss_ratio 0.5, cfg_scale 1.4); steps keep its compute where a
 # variant changes the forward-equivalents per step (docs/algorithm.md section 8): 616 at ratio 0.6 and 576 at 0.75,
-# vs 640. benchmarks/RESULTS.md (third and fourth passes): at this budget 2-NFE parity and one-step accuracy trade off.
+# vs 640. benchmarks/RESULTS.md (third to fifth passes): at this budget 2-NFE parity and one-step accuracy trade off.
 BUILTIN: dict[str, dict[str, Any]] = {
     "base": {},
     "cfg1.45": {"cfg_scale": 1.45},
