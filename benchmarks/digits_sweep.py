@@ -37,7 +37,7 @@ import yaml
 from soflow_fast.checkpoint import consolidate, model_from_checkpoint
 from soflow_fast.config import ConfigError, TrainConfig, load_config, parse_override
 from soflow_fast.data.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_split
-from soflow_fast.errors import RunFailed, UserError
+from soflow_fast.errors import RunFailed, UserError, one_line
 from soflow_fast.evaluation.digits_quality import METHODS, PER_CLASS, judge_draws, run_quality_report
 from soflow_fast.fileio import atomic_open
 from soflow_fast.models import build_model
@@ -225,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 draws = draws_of(run_dir, cfg, args.per_class, args.draws) if args.draws > 1 else None
                 rows.append(row_of(name, run_dir, base_flops, draws))
     except (UserError, RunFailed) as e:  # ConfigError is a UserError; anything else is a bug and keeps its traceback
-        print(f"digits_sweep: {e}", file=sys.stderr)
+        print(f"digits_sweep: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
     table = format_table(rows)
     with atomic_open(Path(args.out) / "sweep.md", "w") as fh:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-from .errors import RunFailed, UserError, user_errors
+from .errors import RunFailed, UserError, one_line, user_errors
 
 # Modules that still report bad input (a missing file, a malformed checkpoint or data folder) with built-in exception
 # types: the commands translate these around the calls that read the user's files, and nowhere else.
@@ -334,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (UserError, RunFailed) as e:  # anything else is a bug: its traceback is shown
-        print(f"soflow-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"soflow-fast {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
     finally:
         import torch.distributed as dist

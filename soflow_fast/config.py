@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from .attention import ATTENTION_MODES
-from .errors import UserError
+from .errors import UserError, one_line
 from .flow import L_SCHEDULES, Flow
 from .kernel_ops import KERNEL_MODES
 from .models import is_model_type
@@ -441,10 +441,6 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _one_line(e: yaml.YAMLError) -> str:
-    return " ".join(str(e).split())
-
-
 def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
     """Read a YAML config; `overrides` (already parsed values) replace its keys. An empty file is an error: it would
     otherwise train the defaults (a 130M-parameter DiT) without saying so."""
@@ -460,7 +456,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = N
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({_one_line(e)})") from None
+        raise ConfigError(f"{source}: not valid YAML ({one_line(e)})") from None
     if raw is None or raw == {}:
         raise ConfigError(f"{source}: no keys; a config names at least the model and the data (see configs/, "
                           "`soflow-fast train --help-config`)")
@@ -477,4 +473,4 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), read_yaml(value)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_one_line(e)})") from None
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({one_line(e)})") from None

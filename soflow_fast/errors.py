@@ -15,6 +15,11 @@ class RunFailed(Exception):
     """A run stopped because it cannot go on (not a bug, not bad input); the message says why and what to do."""
 
 
+def one_line(e: BaseException) -> str:
+    """The message on one line: a library's text embedded in it (YAML, torch.load) may span several."""
+    return " ".join(str(e).split())
+
+
 @contextlib.contextmanager
 def user_errors(*types: type[BaseException]) -> Iterator[None]:
     """Re-raise `types` as UserError around a call whose module reports bad input with built-in exception types.

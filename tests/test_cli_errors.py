@@ -107,6 +107,14 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
     assert line.endswith(f"config {path}: working_dir = '{run / 'sub'}': {run} is a file, not a folder")
 
 
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    """torch.load's weights-only refusal spans several lines; the CLI still prints one line naming the file."""
+    bad = config_file(tmp_path, "not a checkpoint", "ref.pt")
+    line = one_error_line(capsys, ["import-checkpoint", bad, tmp_path / "ours.pt"], "import-checkpoint")
+    assert f"checkpoint {bad}: cannot be read as a weights-only torch checkpoint (" in line
+    assert not (tmp_path / "ours.pt").exists()
+
+
 def test_read_only_output_folders(tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
